@@ -1,0 +1,56 @@
+"""The word-level tokenizer of the embedded checkpoint.
+
+One token per word of :func:`workbench.data.corpus.vocabulary`, so every name and every IOI answer is a
+single token. A ``Metaspace`` pre-tokenizer marks the leading space as ``▁`` (" Mary" and "Mary" are both
+the token ``▁Mary``), punctuation is split off, ``<s>`` is prepended by the post-processor, and the
+special-token ids follow ``ApertusConfig``'s defaults (``<unk>``=0, ``<s>``=1, ``</s>``=2, ``<pad>``=3).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
+from transformers import PreTrainedTokenizerFast
+
+from workbench.data.corpus import vocabulary
+
+UNK, BOS, EOS, PAD = "<unk>", "<s>", "</s>", "<pad>"
+SPECIAL_TOKENS = (UNK, BOS, EOS, PAD)
+SPACE = "▁"
+
+
+def _token(word: str) -> str:
+    # The Punctuation pre-tokenizer splits "store," into "▁store" and ",": punctuation carries no marker.
+    return word if not word.isalnum() else SPACE + word
+
+
+def build_tokenizer(words: Iterable[str] | None = None) -> PreTrainedTokenizerFast:
+    """Build the tokenizer over ``words`` (default: the whole corpus vocabulary)."""
+    words = vocabulary() if words is None else sorted(set(words))
+    vocab = {tok: i for i, tok in enumerate(SPECIAL_TOKENS)}
+    for w in words:
+        vocab.setdefault(_token(w), len(vocab))
+
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token=UNK))
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Metaspace(replacement=SPACE, prepend_scheme="always", split=True),
+            pre_tokenizers.Punctuation(behavior="isolated"),
+        ]
+    )
+    tok.decoder = decoders.Metaspace(replacement=SPACE, prepend_scheme="always", split=True)
+    tok.post_processor = processors.TemplateProcessing(
+        single=f"{BOS} $A",
+        pair=f"{BOS} $A $B",
+        special_tokens=[(BOS, vocab[BOS])],
+    )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        unk_token=UNK,
+        bos_token=BOS,
+        eos_token=EOS,
+        pad_token=PAD,
+        model_max_length=4096,
+        clean_up_tokenization_spaces=False,
+    )

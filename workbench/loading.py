@@ -1,0 +1,82 @@
+"""Loading any Apertus checkpoint (hub id or local folder) as a `HookedApertus`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import (
+    ApertusForCausalLM,
+    ApertusForTokenClassification,
+    AutoConfig,
+    AutoTokenizer,
+)
+
+from workbench.checkpoint import DEFAULT_CHECKPOINT
+from workbench.hooked_model import HookedApertus
+
+
+class NotApertusError(ValueError):
+    """The checkpoint is not an Apertus model."""
+
+
+def load(
+    source: str | Path | None = None,
+    *,
+    dtype: torch.dtype | str | None = None,
+    device: str | torch.device | None = None,
+    device_map: str | dict | None = None,
+    tokenizer: Any = None,
+    **hf_kwargs: Any,
+) -> HookedApertus:
+    """Load an Apertus checkpoint as a hooked model.
+
+    source: a hub id (e.g. "swiss-ai/Apertus-8B-Instruct-2509") or a local folder with config.json,
+        safetensors weights and tokenizer files; None loads the small checkpoint shipped with the workbench.
+    dtype, device_map, **hf_kwargs: passed to transformers' `from_pretrained` unchanged (so bf16 and
+        device_map="auto" behave as in transformers); device: where to put the whole model afterwards.
+    The weights are frozen (requires_grad=False): interpretability reads and rewrites activations, and a
+    frozen model builds no autograd graph unless an activation asks for one.
+    """
+    if device is not None and device_map is not None:
+        raise ValueError("Pass either device= (one device) or device_map= (transformers' placement), not both.")
+    source = DEFAULT_CHECKPOINT if source is None else source
+    config = _apertus_config(source, hf_kwargs)
+    architectures = config.architectures or []
+    model_class = (
+        ApertusForTokenClassification if "ApertusForTokenClassification" in architectures else ApertusForCausalLM
+    )
+    if dtype is not None:
+        hf_kwargs["dtype"] = getattr(torch, dtype) if isinstance(dtype, str) and dtype != "auto" else dtype
+    if device_map is not None:
+        hf_kwargs["device_map"] = device_map
+    hf_model = model_class.from_pretrained(source, **hf_kwargs)
+    if device is not None:
+        hf_model.to(device)
+    hf_model.eval().requires_grad_(False)
+    if tokenizer is None:
+        tokenizer = AutoTokenizer.from_pretrained(source, **_tokenizer_kwargs(hf_kwargs))
+    return HookedApertus(hf_model, tokenizer, name=str(source))
+
+
+def _apertus_config(source: str | Path, hf_kwargs: dict) -> Any:
+    local = Path(source)
+    if local.exists() and local.is_dir() and not (local / "config.json").exists():
+        raise FileNotFoundError(
+            f"{local} has no config.json: point load() at a folder made by save_pretrained "
+            "(config.json, model.safetensors, tokenizer files) or at a hub id."
+        )
+    config = AutoConfig.from_pretrained(source, **_tokenizer_kwargs(hf_kwargs))
+    if config.model_type != "apertus":
+        raise NotApertusError(
+            f"{source} is a {config.model_type!r} checkpoint ({', '.join(config.architectures or ['?'])}), "
+            "not Apertus: the workbench instruments ApertusForCausalLM / ApertusForTokenClassification only. "
+            "Use an Apertus checkpoint, e.g. 'swiss-ai/Apertus-8B-2509', or load() for the shipped one."
+        )
+    return config
+
+
+def _tokenizer_kwargs(hf_kwargs: dict) -> dict:
+    keys = ("revision", "token", "cache_dir", "local_files_only", "trust_remote_code")
+    return {k: hf_kwargs[k] for k in keys if k in hf_kwargs}
