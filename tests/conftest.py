@@ -21,7 +21,9 @@ def random_checkpoint(tmp_path_factory):
     """A 3-layer random Apertus (4 heads, 2 KV heads) with a word tokenizer, saved like a real checkpoint."""
     from workbench.checkpoint.synthetic import make_random_checkpoint
 
-    return make_random_checkpoint(tmp_path_factory.mktemp("random-apertus"), layers=3, d_model=64, heads=4, kv_heads=2)
+    return make_random_checkpoint(
+        tmp_path_factory.mktemp("random-apertus"), layers=3, d_model=64, heads=4, kv_heads=2
+    )
 
 
 @pytest.fixture(scope="session")

@@ -1,4 +1,4 @@
-"""The hooked model computes exactly what transformers' Apertus computes, and every hook reads and rewrites."""
+"""The hooked model computes exactly what transformers' Apertus computes; every hook reads and rewrites."""
 
 from __future__ import annotations
 
@@ -27,7 +27,11 @@ def reference(hf, tokens, mask=None, eager=True):
     position_ids = None if mask is None else (mask.long().cumsum(-1) - 1).clamp(min=0)
     with torch.no_grad():
         return hf(
-            tokens, attention_mask=mask, position_ids=position_ids, output_hidden_states=True, output_attentions=eager
+            tokens,
+            attention_mask=mask,
+            position_ids=position_ids,
+            output_hidden_states=True,
+            output_attentions=eager,
         )
 
 
@@ -60,7 +64,9 @@ def test_matches_transformers_on_random_configurations(shape, lengths, left, dat
     hf = random_apertus(**shape)
     model = HookedApertus(hf, tokenizer=None)
     width = max(lengths)
-    tokens = torch.tensor(data.draw(st.lists(st.integers(0, 49), min_size=width * len(lengths), max_size=width * len(lengths))))
+    tokens = torch.tensor(
+        data.draw(st.lists(st.integers(0, 49), min_size=width * len(lengths), max_size=width * len(lengths)))
+    )
     tokens = tokens.view(len(lengths), width)
     mask = torch.zeros_like(tokens)
     for row, n in enumerate(lengths):
@@ -83,7 +89,9 @@ def test_matches_transformers_on_random_configurations(shape, lengths, left, dat
 
     # The fused path (no pattern hook) against transformers' SDPA forward.
     fast = model(tokens, attention_mask=mask if padded else None)
-    assert max_diff(fast[real], reference(hf, tokens, mask if padded else None, eager=False).logits[real]) <= TOL
+    assert (
+        max_diff(fast[real], reference(hf, tokens, mask if padded else None, eager=False).logits[real]) <= TOL
+    )
 
 
 def test_bfloat16_within_bfloat16_tolerance():
@@ -95,7 +103,7 @@ def test_bfloat16_within_bfloat16_tolerance():
     ours = HookedApertus(hf16, None)(tokens).float()
     theirs = reference(hf16, tokens, eager=False).logits.float()
     scale = exact.abs().max().item()
-    # bfloat16 keeps 8 bits of mantissa: both runs sit within a few bf16 ulps of the float32 truth and of each other.
+    # bfloat16 keeps 8 bits of mantissa: both runs sit a few bf16 ulps from the float32 truth and each other.
     assert max_diff(ours, theirs) <= 0.02 * scale
     assert max_diff(ours, exact) <= 0.05 * scale
     assert max_diff(ours, exact) <= 2 * max_diff(theirs, exact) + 0.01 * scale
@@ -159,13 +167,14 @@ def test_every_hook_rewrite_flows_on(random_model):
     clean = random_model(tokens)
     random_model.set_use_attn_result(True)
     try:
-        assert torch.allclose(random_model(tokens), clean, atol=TOL)  # per-head results sum to the same output
+        assert torch.allclose(
+            random_model(tokens), clean, atol=TOL
+        )  # per-head results sum to the same output
         for name in random_model.hook_dict:
             identity = random_model.run_with_hooks(tokens, fwd_hooks=[(name, lambda x, hook: x)])
             assert torch.allclose(identity, clean, atol=TOL), name
             # Noise, not a rescaling: QK-norm and RMSNorm would undo a uniform scale.
-            noise = torch.Generator().manual_seed(0)
-            noisy = lambda x, hook: x + 0.5 * torch.randn(x.shape, generator=noise)  # noqa: E731
+            noisy = lambda x, hook: x + 0.5 * torch.randn(x.shape, generator=torch.Generator().manual_seed(0))  # noqa: E731
             rewritten = random_model.run_with_hooks(tokens, fwd_hooks=[(name, noisy)])
             assert max_diff(rewritten, clean) > 1e-3, f"rewriting {name} changed nothing downstream"
     finally:
@@ -179,10 +188,12 @@ def test_run_with_cache_returns_an_activation_cache(random_model):
     assert sorted(cache.keys()) == [f"blocks.{i}.hook_resid_post" for i in range(3)]
     assert torch.equal(cache["resid_post", 1], cache["blocks.1.hook_resid_post"])
     assert cache["blocks.0.hook_resid_post"].shape == (1, 5, 64)
-    _, single = random_model.run_with_cache(tokens, names_filter="blocks.0.attn.hook_pattern", remove_batch_dim=True)
+    _, single = random_model.run_with_cache(
+        tokens, names_filter="blocks.0.attn.hook_pattern", remove_batch_dim=True
+    )
     assert single["blocks.0.attn.hook_pattern"].shape == (4, 5, 5)
     # hook_result is opt-in, as in TransformerLens: the full cache leaves it out unless asked for.
-    assert not any(k.endswith("hook_result") for k in random_model.run_with_cache(tokens)[1].keys())
+    assert not any(k.endswith("hook_result") for k in random_model.run_with_cache(tokens)[1])
 
 
 def test_shapes_follow_transformer_lens(random_model):
@@ -212,7 +223,9 @@ def test_shapes_follow_transformer_lens(random_model):
 def test_sdpa_unless_a_pattern_hook_watches_that_layer(random_model, monkeypatch):
     calls = []
     sdpa = torch.nn.functional.scaled_dot_product_attention
-    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", lambda *a, **k: calls.append(1) or sdpa(*a, **k))
+    monkeypatch.setattr(
+        torch.nn.functional, "scaled_dot_product_attention", lambda *a, **k: calls.append(1) or sdpa(*a, **k)
+    )
     tokens = random_model.to_tokens("w1 w2 w3 w4")
     random_model(tokens)
     assert len(calls) == 3
@@ -220,7 +233,9 @@ def test_sdpa_unless_a_pattern_hook_watches_that_layer(random_model, monkeypatch
     random_model.run_with_hooks(tokens, fwd_hooks=[("blocks.1.attn.hook_pattern", lambda x, hook: None)])
     assert len(calls) == 2
     calls.clear()
-    random_model.run_with_cache(tokens, names_filter=lambda n: "resid" in n or "scores" in n and "blocks.2" in n)
+    random_model.run_with_cache(
+        tokens, names_filter=lambda n: "resid" in n or "scores" in n and "blocks.2" in n
+    )
     assert len(calls) == 2
 
 
@@ -245,7 +260,9 @@ def test_unknown_hook_names_suggest_the_closest(random_model):
     with pytest.raises(KeyError, match=r"blocks\.1\.hook_resid_pre"):
         random_model.run_with_hooks(tokens, fwd_hooks=[("blocks.1.hook_resid_pr", lambda x, hook: x)])
     with pytest.raises(KeyError, match=r"blocks\.0\.attn\.hook_pattern"):
-        random_model.run_with_cache(tokens, names_filter=["blocks.0.hook_resid_post", "blocks.0.attn.hook_patern"])
+        random_model.run_with_cache(
+            tokens, names_filter=["blocks.0.hook_resid_post", "blocks.0.attn.hook_patern"]
+        )
     with pytest.raises(KeyError, match="layer 9 is out of range.*3 layers"):
         random_model.run_with_hooks(tokens, fwd_hooks=[("blocks.9.hook_resid_pre", lambda x, hook: x)])
     with pytest.raises(ValueError, match="set_use_attn_result"):
@@ -281,9 +298,12 @@ def test_a_raising_hook_leaves_nothing_attached(random_model):
     with pytest.raises(RuntimeError, match="boom"):
         random_model.run_with_hooks(tokens, fwd_hooks=hooks)
     with pytest.raises(RuntimeError, match="boom"):
-        random_model.run_with_cache(tokens, names_filter=None, **{}) if False else random_model.run_with_hooks(
-            tokens, fwd_hooks=[(lambda n: n.endswith("hook_z"), broken)]
-        )
+        random_model.run_with_hooks(tokens, fwd_hooks=[(lambda n: n.endswith("hook_z"), broken)])
+    with (
+        pytest.raises(RuntimeError, match="boom"),
+        random_model.hooks(fwd_hooks=[("blocks.2.hook_mlp_out", broken)]),
+    ):
+        random_model.run_with_cache(tokens)
     assert attached_hooks(random_model) == 0
     assert torch.equal(random_model(tokens), clean)
 
@@ -306,8 +326,11 @@ def test_load_options_on_a_local_folder(random_checkpoint):
 def test_load_refuses_what_is_not_apertus(tmp_path):
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    LlamaForCausalLM(LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                                 num_attention_heads=2)).save_pretrained(tmp_path / "llama")
+    LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2
+        )
+    ).save_pretrained(tmp_path / "llama")
     with pytest.raises(NotApertusError, match="'llama' checkpoint.*not Apertus"):
         workbench.load(tmp_path / "llama")
     (tmp_path / "empty").mkdir()
@@ -324,7 +347,9 @@ def test_token_classification_checkpoints_load_too(tmp_path):
     torch.manual_seed(0)
     from transformers import ApertusConfig
 
-    tagger = ApertusForTokenClassification(ApertusConfig(**{k: v for k, v in config.items() if k != "architectures"}))
+    tagger = ApertusForTokenClassification(
+        ApertusConfig(**{k: v for k, v in config.items() if k != "architectures"})
+    )
     tagger.save_pretrained(tmp_path / "tagger")
     model = workbench.load(tmp_path / "tagger", tokenizer=workbench.load(folder).tokenizer)
     tokens = torch.tensor([[1, 5, 9, 2]])

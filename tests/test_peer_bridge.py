@@ -25,10 +25,27 @@ def test_shared_hooks_equal_the_bridge(random_checkpoint, bridge):
     shared = sorted(set(ours.keys()) & set(theirs.keys()))
     per_block = {n.split(".", 2)[2] for n in shared if n.startswith("blocks.0.")}
     # The names the issue lists must all be among those compared, so a renamed hook cannot slip through.
-    assert {"hook_resid_pre", "hook_resid_mid", "hook_resid_post", "hook_attn_out", "hook_mlp_out",
-            "ln1.hook_normalized", "ln2.hook_normalized", "attn.hook_q", "attn.hook_k", "attn.hook_v",
-            "attn.hook_q_normed", "attn.hook_k_normed", "attn.hook_rot_q", "attn.hook_rot_k",
-            "attn.hook_attn_scores", "attn.hook_pattern", "attn.hook_z", "mlp.hook_pre", "mlp.hook_post"} <= per_block
+    assert {
+        "hook_resid_pre",
+        "hook_resid_mid",
+        "hook_resid_post",
+        "hook_attn_out",
+        "hook_mlp_out",
+        "ln1.hook_normalized",
+        "ln2.hook_normalized",
+        "attn.hook_q",
+        "attn.hook_k",
+        "attn.hook_v",
+        "attn.hook_q_normed",
+        "attn.hook_k_normed",
+        "attn.hook_rot_q",
+        "attn.hook_rot_k",
+        "attn.hook_attn_scores",
+        "attn.hook_pattern",
+        "attn.hook_z",
+        "mlp.hook_pre",
+        "mlp.hook_post",
+    } <= per_block
     assert {"hook_embed", "ln_final.hook_normalized"} <= set(shared)
     for name in shared:
         a, b = ours[name], theirs[name]

@@ -1,4 +1,4 @@
-"""The hooked model: Hugging Face's Apertus, run by one readable forward with a named hook at every activation.
+"""The hooked model: Hugging Face's Apertus, run by one readable forward with a hook at every activation.
 
 `HookedApertus` wraps an `ApertusForCausalLM` (or `ApertusForTokenClassification`) loaded by transformers and
 calls its own modules, so the weights are the checkpoint's (no copies, no conversion, any dtype or
@@ -20,8 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from transformer_lens import ActivationCache
-from transformer_lens.HookedRootModule import HookedRootModule
 from transformer_lens.hook_points import HookPoint
+from transformer_lens.HookedRootModule import HookedRootModule
 from transformers.models.apertus.modeling_apertus import apply_rotary_pos_emb, repeat_kv
 
 Input = str | Sequence[str] | torch.Tensor
@@ -353,10 +353,14 @@ class HookedApertus(HookedRootModule):
             )
         return tokens, attention_mask.to(device).bool()
 
-    def _tokenize(self, input: str | Sequence[str], prepend_bos: bool = True, padding_side: str | None = None):
+    def _tokenize(
+        self, input: str | Sequence[str], prepend_bos: bool = True, padding_side: str | None = None
+    ):
         texts = [input] if isinstance(input, str) else list(input)
         if not texts:
-            raise ValueError("No prompt given: pass a text, a non-empty list of texts, or a tensor of token ids.")
+            raise ValueError(
+                "No prompt given: pass a text, a non-empty list of texts, or a tensor of token ids."
+            )
         for i, text in enumerate(texts):
             if not isinstance(text, str):
                 raise TypeError(f"Prompt {i} is a {type(text).__name__}, not a str.")
@@ -381,7 +385,9 @@ class HookedApertus(HookedRootModule):
 
     def _check_tokens(self, tokens: torch.Tensor) -> None:
         if tokens.numel() == 0:
-            raise ValueError(f"Empty prompt (token tensor of shape {tuple(tokens.shape)}): give at least one token.")
+            raise ValueError(
+                f"Empty prompt (token tensor of shape {tuple(tokens.shape)}): give at least one token."
+            )
         if tokens.shape[1] > self.cfg.n_ctx:
             raise ValueError(
                 f"The prompt has {tokens.shape[1]} tokens but the model's context is {self.cfg.n_ctx} "
@@ -391,8 +397,8 @@ class HookedApertus(HookedRootModule):
         if low < 0 or high >= self.cfg.d_vocab:
             bad = low if low < 0 else high
             raise ValueError(
-                f"Token id {bad} is outside the vocabulary (0..{self.cfg.d_vocab - 1}): were these ids made by "
-                "another model's tokenizer? Use model.to_tokens(text)."
+                f"Token id {bad} is outside the vocabulary (0..{self.cfg.d_vocab - 1}): were these ids made "
+                "by another model's tokenizer? Use model.to_tokens(text)."
             )
 
     # --------------------------------------------------------------------------------------- tokenizer
@@ -464,7 +470,7 @@ class HookedApertus(HookedRootModule):
         """Per layer, the xIELU scalars as the activation applies them.
 
         alpha_p = softplus(raw alpha_p) scales x^2 for x > 0; alpha_n = beta + softplus(raw alpha_n) scales
-        expm1(min(x, eps)) - x for x <= 0; beta is the linear term's slope; eps the clamp of the negative branch.
+        expm1(min(x, eps)) - x for x <= 0; beta is the linear slope; eps clamps the negative branch.
         """
         rows = []
         for layer, decoder in enumerate(self.hf_model.model.layers):
@@ -485,13 +491,16 @@ class HookedApertus(HookedRootModule):
     def check_layer(self, layer: int, *, allow_end: bool = False, what: str = "layer") -> int:
         top = self.cfg.n_layers + (1 if allow_end else 0)
         if not isinstance(layer, int) or isinstance(layer, bool) or not 0 <= layer < top:
-            raise IndexError(f"{what} {layer!r} is out of range: the model has {self.cfg.n_layers} layers (0..{top - 1}).")
+            raise IndexError(
+                f"{what} {layer!r} is out of range: the model has {self.cfg.n_layers} layers (0..{top - 1})."
+            )
         return layer
 
     def check_head(self, head: int) -> int:
         if not isinstance(head, int) or isinstance(head, bool) or not 0 <= head < self.cfg.n_heads:
             raise IndexError(
-                f"head {head!r} is out of range: each layer has {self.cfg.n_heads} heads (0..{self.cfg.n_heads - 1})."
+                f"head {head!r} is out of range: each layer has {self.cfg.n_heads} heads "
+                f"(0..{self.cfg.n_heads - 1})."
             )
         return head
 
@@ -501,7 +510,7 @@ class HookedApertus(HookedRootModule):
             if name.endswith("attn.hook_result") and not self.cfg.use_attn_result:
                 raise ValueError(
                     f"{name} is computed only when per-head results are on: call "
-                    "model.set_use_attn_result(True) first (it costs a [batch, pos, head, d_model] tensor per layer)."
+                    "model.set_use_attn_result(True) first (a [batch, pos, head, d_model] tensor a layer)."
                 )
             return name
         match = re.match(r"blocks\.(\d+)\.", name)
@@ -511,7 +520,9 @@ class HookedApertus(HookedRootModule):
                 f"layers (0..{self.cfg.n_layers - 1})."
             )
         close = difflib.get_close_matches(name, self.hook_dict, n=5, cutoff=0.5)
-        hint = f" Closest valid names: {', '.join(close)}." if close else " See model.hook_dict for all names."
+        hint = (
+            f" Closest valid names: {', '.join(close)}." if close else " See model.hook_dict for all names."
+        )
         raise KeyError(f"{name!r} is not a hook point of this model.{hint}")
 
     def _names_filter(self, names_filter: NamesFilter) -> Callable[[str], bool]:
@@ -534,9 +545,18 @@ class HookedApertus(HookedRootModule):
                 self.check_hook_name(name)
         return super().hooks(list(fwd_hooks), list(bwd_hooks), reset_hooks_end, clear_contexts)
 
-    def run_with_hooks(self, input: Input, *args, fwd_hooks=(), bwd_hooks=(), reset_hooks_end=True,
-                       clear_contexts=False, **kwargs):
-        """Run with temporary hooks `[(name or filter, fn(activation, hook))]`; a returned tensor replaces the activation."""
+    def run_with_hooks(
+        self,
+        input: Input,
+        *args,
+        fwd_hooks=(),
+        bwd_hooks=(),
+        reset_hooks_end=True,
+        clear_contexts=False,
+        **kwargs,
+    ):
+        """Run with temporary hooks `[(name or filter, fn(activation, hook))]`; a returned tensor replaces
+        the activation and flows on."""
         with self.hooks(fwd_hooks, bwd_hooks, reset_hooks_end, clear_contexts):
             return self(input, *args, **kwargs)
 
@@ -551,7 +571,7 @@ class HookedApertus(HookedRootModule):
         return_cache_object: bool = True,
         **kwargs,
     ) -> tuple[Any, ActivationCache | dict]:
-        """Run once and keep the activations chosen by `names_filter` (all by default) in an ActivationCache."""
+        """Run once, keeping the activations `names_filter` chooses (default: all) in an ActivationCache."""
         if remove_batch_dim and isinstance(input, list) and len(input) > 1:
             raise ValueError("remove_batch_dim=True needs a single prompt; this batch has several.")
         out, cache = super().run_with_cache(

@@ -40,12 +40,16 @@ def load(
     frozen model builds no autograd graph unless an activation asks for one.
     """
     if device is not None and device_map is not None:
-        raise ValueError("Pass either device= (one device) or device_map= (transformers' placement), not both.")
+        raise ValueError(
+            "Pass either device= (one device) or device_map= (transformers' placement), not both."
+        )
     source = DEFAULT_CHECKPOINT if source is None else source
     config = _apertus_config(source, hf_kwargs)
     architectures = config.architectures or []
     model_class = (
-        ApertusForTokenClassification if "ApertusForTokenClassification" in architectures else ApertusForCausalLM
+        ApertusForTokenClassification
+        if "ApertusForTokenClassification" in architectures
+        else ApertusForCausalLM
     )
     if dtype is not None:
         hf_kwargs["dtype"] = getattr(torch, dtype) if isinstance(dtype, str) and dtype != "auto" else dtype

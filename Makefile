@@ -1,0 +1,38 @@
+# Two entry points (README): `make lab` starts JupyterLab on the notebooks, `make test` runs every test.
+# Both set everything up first on a machine that has nothing but python3 (3.11) and pip.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# torch first and pinned: an unpinned torch pulls a multi-GB CUDA build; 2.13.0 is the CPU wheel on disk here.
+TORCH ?= torch==2.13.0
+ROOT_FLAG := $(if $(filter 0,$(shell id -u)),--allow-root,)
+
+.PHONY: setup lab test lint benchmarks chromium
+
+setup: $(VENV)/.installed
+	@git rev-parse --git-dir >/dev/null 2>&1 && git config core.hooksPath hooks || true
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet "$(TORCH)"
+	$(PY) -m pip install --quiet -e ".[dev]"
+	touch $@
+
+# The browser tests drive Debian's chromium through Playwright (Playwright cannot download its own here).
+chromium:
+	@command -v chromium >/dev/null || { apt-get update -qq && apt-get install -y -qq chromium >/dev/null; }
+
+lab: setup
+	$(VENV)/bin/jupyter lab --ip=127.0.0.1 --ServerApp.root_dir=notebooks $(ROOT_FLAG)
+
+test: setup chromium
+	$(PY) -m pytest
+
+lint: setup
+	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .
+
+benchmarks: setup
+	$(PY) benchmarks/overhead.py
+	$(PY) benchmarks/patching.py
+	$(PY) benchmarks/probing.py
