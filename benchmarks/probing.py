@@ -1,0 +1,178 @@
+"""Probing speed: harvesting against a plain forward, and all-layer probes against per-layer logistic
+regressions.
+
+1. Harvest throughput (tokens per second) against the plain forward pass over the same batches: HookedApertus
+with
+   no hooks, and the transformers model itself. Interleaved rounds, median ratio. Target: harvest >= 0.9x
+   forward.
+2. Time to train the probes of every layer (and their control-task twins) with `train_probes`, against a loop
+of
+   scikit-learn `LogisticRegression` (lbfgs), one per layer, on the same RMS-normalised features and split, in
+   the same run; test accuracies of both are reported.
+
+The model is the embedded checkpoint when it is trained, else a random Apertus of its shape with its
+tokenizer; the data are tagged-grammar sentences (part of speech). Float32 on the CPU.
+
+    python benchmarks/probing.py [--sentences 1000 --batch 32 --rounds 7 --threads 1]
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from common import machine, time_interleaved, write_json  # noqa: E402
+
+import workbench  # noqa: E402
+from workbench.checkpoint import DEFAULT_CHECKPOINT  # noqa: E402
+from workbench.data.alignment import TokenLabelledDataset  # noqa: E402
+from workbench.data.corpus import EVAL_SEED, tagged_sentences  # noqa: E402
+from workbench.probing import harvest, train_probes  # noqa: E402
+from workbench.probing.probes import rms_normalize  # noqa: E402
+
+
+def embedded_or_random(workdir: Path):
+    if (DEFAULT_CHECKPOINT / "model.safetensors").exists():
+        return workbench.load(), "embedded checkpoint"
+    from workbench.checkpoint.synthetic import random_apertus
+    from workbench.checkpoint.tokenizer import build_tokenizer
+
+    tok = build_tokenizer()
+    folder = workdir / "random"
+    random_apertus(layers=3, d_model=192, heads=4, kv_heads=2, d_mlp=768, vocab=len(tok)).save_pretrained(
+        folder
+    )
+    tok.save_pretrained(folder)
+    return workbench.load(folder), "random Apertus of the embedded shape (checkpoint not trained yet)"
+
+
+def harvest_vs_forward(model, encoded, batch: int, rounds: int, workdir: Path) -> dict:
+    batches = [
+        encoded.batch(list(range(s, min(s + batch, len(encoded))))) for s in range(0, len(encoded), batch)
+    ]
+    n_tokens = sum(int(b["attention_mask"].sum()) for b in batches)
+
+    def hooked_forward():
+        with torch.inference_mode():
+            for b in batches:
+                model(b["input_ids"], attention_mask=b["attention_mask"])
+
+    def hf_forward():
+        with torch.inference_mode():
+            for b in batches:
+                model.hf_model(input_ids=b["input_ids"], attention_mask=b["attention_mask"])
+
+    folder = workdir / "harvest"
+
+    def harvest_all():
+        shutil.rmtree(folder, ignore_errors=True)
+        harvest(model, encoded, folder, batch_size=batch, progress=False)
+
+    rows = time_interleaved(
+        {"hooked_forward": hooked_forward, "hf_forward": hf_forward, "harvest": harvest_all},
+        baseline="hooked_forward",
+        rounds=rounds,
+        warmup=1,
+    )
+    for row in rows.values():
+        row["tokens_per_s"] = n_tokens / row["median_s"]
+    hf_ratio = rows["hf_forward"]["median_s"] / rows["harvest"]["median_s"]
+    return {
+        "tokens": n_tokens,
+        "labelled_tokens": encoded.n_labelled,
+        "batch": batch,
+        "variants": rows,
+        "harvest_throughput_vs_hooked_forward": 1 / rows["harvest"]["ratio"],
+        "harvest_throughput_vs_hf_forward": hf_ratio,
+        "target_met": 1 / rows["harvest"]["ratio"] >= 0.9,
+    }
+
+
+def probes_vs_sklearn(harvest_folder: Path) -> dict:
+    from sklearn.linear_model import LogisticRegression
+
+    start = time.perf_counter()
+    result = train_probes(harvest_folder, progress=False)
+    ours = time.perf_counter() - start
+
+    h = workbench.probing.Harvest.open(harvest_folder)
+    data = h.load()
+    sentence = data["sentence"].numpy()
+    train = np.isin(sentence, np.concatenate([result.split["train"], result.split["val"]]))
+    test = np.isin(sentence, result.split["test"])
+    labels = data["labels"].numpy()
+    rows = []
+    start = time.perf_counter()
+    for hook in h.hooks:
+        x = rms_normalize(data[hook], result.eps).numpy()
+        clf = LogisticRegression(max_iter=1000).fit(x[train], labels[train])
+        rows.append({"hook": hook, "sklearn_accuracy": float((clf.predict(x[test]) == labels[test]).mean())})
+    sklearn_s = time.perf_counter() - start
+    for row, (_, ours_row) in zip(rows, result.table.iterrows()):
+        row["probe_accuracy"] = float(ours_row["accuracy"])
+    return {
+        "train_probes_s": ours,
+        "train_probes_steps": int(result.history["step"].max()),
+        "train_probes_includes": f"{len(h.hooks)} real-label probes + {len(h.hooks)} control-task probes",
+        "sklearn_loop_s": sklearn_s,
+        "sklearn_loop_includes": f"{len(h.hooks)} real-label probes (train+val as training data)",
+        "speedup_vs_sklearn_loop": sklearn_s / ours,
+        "accuracy": rows,
+    }
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sentences", type=int, default=1000)
+    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument("--threads", type=int, default=1)
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    logging.getLogger("transformers.activations").setLevel(logging.ERROR)
+
+    workdir = Path(tempfile.mkdtemp(prefix="bench-probing-"))
+    try:
+        model, which = embedded_or_random(workdir)
+        data = TokenLabelledDataset.from_tagged(tagged_sentences(args.sentences, seed=EVAL_SEED), "pos")
+        encoded = data.encode(model.tokenizer)
+        throughput = harvest_vs_forward(model, encoded, args.batch, args.rounds, workdir)
+        training = probes_vs_sklearn(workdir / "harvest")
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+    payload = {
+        "model": which,
+        "sentences": args.sentences,
+        "machine": machine(),
+        "harvest": throughput,
+        "probes": training,
+    }
+    path = write_json("probing", payload)
+    h, p = throughput, training
+    print(f"model: {which}; {h['tokens']} tokens in batches of {h['batch']}")
+    for name, row in h["variants"].items():
+        print(f"  {name:15s} {row['median_s']:.3f} s  {row['tokens_per_s']:9.0f} tok/s")
+    print(
+        f"harvest throughput: {h['harvest_throughput_vs_hooked_forward']:.2f}x the hooked forward, "
+        f"{h['harvest_throughput_vs_hf_forward']:.2f}x the transformers forward (target >= 0.9x)"
+    )
+    print(
+        f"probes: train_probes {p['train_probes_s']:.2f} s ({p['train_probes_includes']}), sklearn loop "
+        f"{p['sklearn_loop_s']:.2f} s ({p['sklearn_loop_includes']}): {p['speedup_vs_sklearn_loop']:.1f}x"
+    )
+    for row in p["accuracy"]:
+        print(f"  {row['hook']:26s} probe {row['probe_accuracy']:.3f}  sklearn {row['sklearn_accuracy']:.3f}")
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,428 @@
+"""Linear probes for every harvested layer, trained at once, with Hewitt-and-Liang control tasks.
+
+All probes are one parameter tensor ``W [hooks, task, width, classes]`` and a bias ``[hooks, task, classes]``,
+task 0 the real labels and task 1 the control task, so one ``einsum`` scores every token under every probe and
+one AdamW step trains them all. Each probe has its own loss term and parameters, so they train exactly as
+separate models would (a test checks it); each keeps the weights of its own best validation loss (early
+stopping per probe).
+
+Features are RMS-normalised before the probe, ``x / sqrt(mean(x^2) + eps)`` with the model's ``eps``:
+probes of different layers then see features of the same scale, and a probe on the residual stream after
+layer ``l`` becomes exactly an ``ApertusForTokenClassification`` truncated to ``l`` layers whose final norm
+has unit weight (see :mod:`workbench.probing.export`).
+
+Control task (Hewitt & Liang, 2019): every word type gets a label drawn at random from the empirical label
+distribution, the same for all its tokens. A probe that scores well on it memorises word types rather than
+reading the property; selectivity = accuracy - control accuracy.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import plotly.graph_objects as go
+import torch
+import torch.nn.functional as F
+from sklearn.metrics import f1_score
+from tqdm.auto import tqdm
+
+from workbench.data.alignment import IGNORE
+from workbench.probing.harvest import Harvest
+
+__all__ = ["ProbeResult", "train_probes", "control_labels", "scores", "confusion_frame"]
+
+
+def rms_normalize(x: torch.Tensor, eps: float) -> torch.Tensor:
+    """Apertus's RMSNorm without its weight, computed in float32 as the model computes it."""
+    x = x.float()
+    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
+
+
+def control_labels(types: torch.Tensor, labels: torch.Tensor, n_classes: int, seed: int = 0) -> torch.Tensor:
+    """Hewitt & Liang's control task: each word type -> a label drawn from the empirical label
+    distribution."""
+    n_types = int(types.max()) + 1 if types.numel() else 0
+    frequencies = torch.bincount(labels, minlength=n_classes).double()
+    gen = torch.Generator().manual_seed(seed)
+    by_type = torch.multinomial(frequencies / frequencies.sum(), n_types, replacement=True, generator=gen)
+    return by_type[types]
+
+
+def scores(gold: np.ndarray, predicted: np.ndarray) -> tuple[float, float]:
+    """Accuracy and macro-F1 (over the labels present in gold or predictions), as every probe and evaluation
+    in the workbench reports them."""
+    gold, predicted = np.asarray(gold), np.asarray(predicted)
+    if gold.size == 0:
+        return float("nan"), float("nan")
+    return float((gold == predicted).mean()), float(
+        f1_score(gold, predicted, average="macro", zero_division=0)
+    )
+
+
+def confusion_frame(gold: np.ndarray, predicted: np.ndarray, label_names: Sequence[str]) -> pd.DataFrame:
+    """Counts, gold labels as rows and predictions as columns, over the labels that occur in either."""
+    gold, predicted = np.asarray(gold), np.asarray(predicted)
+    present = sorted(set(gold.tolist()) | set(predicted.tolist()))
+    index = {label: i for i, label in enumerate(present)}
+    counts = np.zeros((len(present), len(present)), dtype=np.int64)
+    np.add.at(counts, ([index[g] for g in gold.tolist()], [index[p] for p in predicted.tolist()]), 1)
+    names = [label_names[i] for i in present]
+    return pd.DataFrame(counts, index=pd.Index(names, name="gold"), columns=pd.Index(names, name="predicted"))
+
+
+@dataclass
+class ProbeResult:
+    """Trained probes for every hook of a harvest, with their test scores.
+
+    ``table``: one row per hook (layer, hook, accuracy, macro_f1, control_accuracy, selectivity,
+    majority_baseline, n_test). ``weight [hooks, width, classes]`` and ``bias [hooks, classes]`` are the
+    real-label probes, applied to RMS-normalised features (``normalize``) with ``eps``.
+    """
+
+    hooks: list[str]
+    layers: list[int]
+    label_names: list[str]
+    weight: torch.Tensor
+    bias: torch.Tensor
+    control_weight: torch.Tensor
+    control_bias: torch.Tensor
+    widths: list[int]
+    normalize: bool
+    eps: float
+    table: pd.DataFrame
+    test_gold: np.ndarray
+    test_predictions: np.ndarray  # [hooks, n_test]
+    split: dict[str, np.ndarray]  # sentence indices of train / val / test
+    history: pd.DataFrame
+    settings: dict[str, Any] = field(default_factory=dict)
+
+    def index(self, layer: int | str) -> int:
+        """The probe of ``layer`` (an entry of ``layers``) or of a hook name."""
+        if isinstance(layer, str):
+            if layer not in self.hooks:
+                raise KeyError(f"No probe for hook {layer!r}; probes exist for {self.hooks}.")
+            return self.hooks.index(layer)
+        matches = [i for i, value in enumerate(self.layers) if value == layer]
+        if len(matches) != 1:
+            raise KeyError(
+                f"Layer {layer!r} "
+                + ("is ambiguous (several hooks)" if matches else "has no probe")
+                + f": layers {self.layers}; pass the hook name instead (one of {self.hooks})."
+            )
+        return matches[0]
+
+    def features(self, activations: torch.Tensor) -> torch.Tensor:
+        """The probe's input from raw hook activations ``[..., width]``: RMS-normalised when ``normalize``."""
+        return rms_normalize(activations, self.eps) if self.normalize else activations.float()
+
+    def logits(self, activations: torch.Tensor, layer: int | str) -> torch.Tensor:
+        """Class scores ``[..., classes]`` of the probe at ``layer`` for raw activations of its hook."""
+        i = self.index(layer)
+        x = self.features(activations)
+        return x @ self.weight[i, : self.widths[i]] + self.bias[i]
+
+    def predict(self, activations: torch.Tensor, layer: int | str) -> torch.Tensor:
+        """Class ids ``[...]`` predicted by the probe at ``layer``."""
+        return self.logits(activations, layer).argmax(-1)
+
+    def run(self, model: Any, input_ids: torch.Tensor, layer: int | str, attention_mask=None) -> torch.Tensor:
+        """Probabilities ``[batch, pos, classes]`` of the probe at ``layer`` on new token ids (one
+        forward)."""
+        hook = self.hooks[self.index(layer)]
+        _, cache = model.run_with_cache(input_ids, names_filter=hook, attention_mask=attention_mask)
+        act = cache[hook]
+        act = act.reshape(*act.shape[:2], -1)
+        return self.logits(act.cpu(), layer).softmax(-1)
+
+    def confusion(self, layer: int | str) -> pd.DataFrame:
+        """Test-set confusion matrix of the probe at ``layer``: gold rows, predicted columns."""
+        return confusion_frame(self.test_gold, self.test_predictions[self.index(layer)], self.label_names)
+
+    def confusion_figure(self, layer: int | str) -> go.Figure:
+        frame = self.confusion(layer)
+        share = frame.div(frame.sum(axis=1).clip(lower=1), axis=0)
+        fig = go.Figure(
+            go.Heatmap(
+                z=share.values,
+                x=list(frame.columns),
+                y=list(frame.index),
+                colorscale="Blues",
+                zmin=0,
+                zmax=1,
+                text=frame.values,
+                texttemplate="%{text}",
+                hovertemplate="gold %{y}, predicted %{x}: %{text}<extra></extra>",
+            )
+        )
+        fig.update_layout(
+            title=f"Confusion at {self.hooks[self.index(layer)]} (test set; colour = share of the gold row)",
+            xaxis_title="predicted",
+            yaxis_title="gold",
+            yaxis_autorange="reversed",
+            height=420,
+        )
+        return fig
+
+    def figure(self, title: str | None = None) -> go.Figure:
+        """Test accuracy by layer, with the control task, selectivity and the majority baseline."""
+        t = self.table
+        x = t["layer"] if t["layer"].is_unique else t["hook"]
+        fig = go.Figure()
+        fig.add_scatter(x=x, y=t["accuracy"], mode="lines+markers", name="probe accuracy")
+        fig.add_scatter(
+            x=x,
+            y=t["control_accuracy"],
+            mode="lines+markers",
+            name="control task accuracy",
+            line={"dash": "dot"},
+        )
+        fig.add_scatter(
+            x=x, y=t["selectivity"], mode="lines+markers", name="selectivity", line={"dash": "dash"}
+        )
+        fig.add_scatter(
+            x=x,
+            y=t["majority_baseline"],
+            mode="lines",
+            name="majority baseline",
+            line={"color": "grey", "dash": "longdash"},
+        )
+        fig.update_layout(
+            title=title or "Linear probe accuracy by layer (test split)",
+            xaxis_title="layer (residual stream after this many layers)" if t["layer"].is_unique else "hook",
+            yaxis_title="accuracy",
+            yaxis_range=[0, 1.02],
+            height=380,
+        )
+        return fig
+
+    def export(self, layer: int | str, folder, model: Any, **kwargs) -> Any:
+        """Write the probe at ``layer`` as an ApertusForTokenClassification checkpoint (see
+        probing.export)."""
+        from workbench.probing.export import export_probe
+
+        return export_probe(self, layer, folder, model, **kwargs)
+
+
+def _split_sentences(sentences: np.ndarray, fractions: Sequence[float], seed: int) -> dict[str, np.ndarray]:
+    if len(fractions) != 3 or min(fractions) <= 0 or abs(sum(fractions) - 1) > 1e-6:
+        raise ValueError(
+            f"split must be three positive fractions (train, val, test) summing to 1, not {fractions}."
+        )
+    unique = np.unique(sentences)
+    if len(unique) < 3:
+        raise ValueError(
+            f"Only {len(unique)} labelled sentences: a train/validation/test split needs at least 3."
+        )
+    order = np.random.default_rng(seed).permutation(unique)
+    n_train = max(1, int(round(fractions[0] * len(order))))
+    n_val = max(1, int(round(fractions[1] * len(order))))
+    n_train = min(n_train, len(order) - 2)
+    return {
+        "train": np.sort(order[:n_train]),
+        "val": np.sort(order[n_train : n_train + n_val]),
+        "test": np.sort(order[n_train + n_val :]),
+    }
+
+
+def train_probes(
+    harvest: Harvest | str,
+    *,
+    hooks: list[str] | None = None,
+    split: Sequence[float] = (0.7, 0.1, 0.2),
+    seed: int = 0,
+    normalize: bool = True,
+    lr: float = 0.05,
+    weight_decay: float = 0.1,
+    max_steps: int = 500,
+    batch_size: int | None = None,
+    eval_every: int = 10,
+    patience: int = 5,
+    min_improvement: float = 1e-3,
+    shuffle_labels: bool = False,
+    progress: bool = True,
+) -> ProbeResult:
+    """Train a linear probe and a control-task probe for every hook of ``harvest``, all in one computation.
+
+    split: train / validation / test fractions of the sentences (tokens of one sentence stay together).
+    lr, weight_decay: AdamW's (decay on the weights, not the biases); batch_size: tokens per step (None: the
+        full training set every step); every ``eval_every`` steps each probe's validation loss is checked and
+        its best weights kept; training stops when no probe has improved (by a relative ``min_improvement``)
+        for ``patience`` checks.
+    shuffle_labels: a sanity check, permute the labels across tokens; probes should then fall to chance.
+    Training holds the harvested features in memory (tokens x hooks x width x 4 bytes, e.g. 100k tokens x 33
+    layers x 4096 = 54 GB for an 8B model: harvest fewer hooks, or train on a subset of them with ``hooks``).
+    """
+    if not isinstance(harvest, Harvest):
+        harvest = Harvest.open(harvest)
+    hooks = harvest.hooks if hooks is None else list(hooks)
+    data = harvest.load(hooks)
+    n_classes = len(harvest.label_names)
+    labels = data["labels"].long()
+    if shuffle_labels:
+        labels = labels[torch.randperm(len(labels), generator=torch.Generator().manual_seed(seed + 1))]
+    control = control_labels(data["types"].long(), labels, n_classes, seed)
+    eps = float(harvest.manifest["model"]["eps"])
+
+    widths = [data[h].shape[1] for h in hooks]
+    width = max(widths)
+    x = torch.zeros(len(labels), len(hooks), width)
+    for i, h in enumerate(hooks):
+        # Narrower hooks are zero-padded: zero features get zero gradient, so the probe is exactly a narrower
+        # one.
+        x[:, i, : widths[i]] = rms_normalize(data[h], eps) if normalize else data[h].float()
+
+    parts = _split_sentences(data["sentence"].numpy(), split, seed)
+    rows = {name: torch.from_numpy(np.isin(data["sentence"].numpy(), ids)) for name, ids in parts.items()}
+    for name, mask in rows.items():
+        if not mask.any():
+            raise ValueError(f"The {name} split has no labelled token; use more sentences.")
+    targets = torch.stack([labels, control], dim=1)  # [n, task]
+
+    weight, bias, history = _fit(
+        x[rows["train"]],
+        targets[rows["train"]],
+        x[rows["val"]],
+        targets[rows["val"]],
+        n_classes,
+        lr=lr,
+        weight_decay=weight_decay,
+        max_steps=max_steps,
+        batch_size=batch_size,
+        eval_every=eval_every,
+        patience=patience,
+        min_improvement=min_improvement,
+        seed=seed,
+        progress=progress,
+    )
+
+    x_test, t_test = x[rows["test"]], targets[rows["test"]]
+    with torch.no_grad():
+        logits = _logits(x_test, weight, bias)  # [n, hooks, task, classes]
+    predicted = logits.argmax(-1)
+    majority_label = int(torch.bincount(labels[rows["train"]], minlength=n_classes).argmax())
+    gold = t_test[:, 0].numpy()
+    table = []
+    for i, h in enumerate(hooks):
+        accuracy, macro_f1 = scores(gold, predicted[:, i, 0].numpy())
+        control_accuracy, _ = scores(t_test[:, 1].numpy(), predicted[:, i, 1].numpy())
+        table.append(
+            {
+                "layer": harvest.layers[harvest.hooks.index(h)],
+                "hook": h,
+                "accuracy": accuracy,
+                "macro_f1": macro_f1,
+                "control_accuracy": control_accuracy,
+                "selectivity": accuracy - control_accuracy,
+                "majority_baseline": float((gold == majority_label).mean()),
+                "n_test": len(gold),
+            }
+        )
+    return ProbeResult(
+        hooks=hooks,
+        layers=[row["layer"] for row in table],
+        label_names=harvest.label_names,
+        weight=weight[:, 0].clone(),
+        bias=bias[:, 0].clone(),
+        control_weight=weight[:, 1].clone(),
+        control_bias=bias[:, 1].clone(),
+        widths=widths,
+        normalize=normalize,
+        eps=eps,
+        table=pd.DataFrame(table),
+        test_gold=gold,
+        test_predictions=predicted[:, :, 0].T.numpy(),
+        split=parts,
+        history=history,
+        settings={
+            "lr": lr,
+            "weight_decay": weight_decay,
+            "max_steps": max_steps,
+            "batch_size": batch_size,
+            "seed": seed,
+            "shuffle_labels": shuffle_labels,
+            "split": list(split),
+            "model": harvest.manifest["model"],
+            "data": harvest.manifest["data"],
+        },
+    )
+
+
+def _logits(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    # x [n, hooks, width], weight [hooks, task, width, classes], bias [hooks, task, classes] -> [n, hooks,
+    # task, classes]
+    return torch.einsum("nhd,htdc->nhtc", x, weight) + bias
+
+
+def _losses(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy of every probe: [hooks, task]."""
+    n, hooks, tasks, classes = logits.shape
+    expanded = targets[:, None, :].expand(n, hooks, tasks)
+    loss = F.cross_entropy(
+        logits.reshape(-1, classes), expanded.reshape(-1), reduction="none", ignore_index=IGNORE
+    )
+    return loss.view(n, hooks, tasks).mean(0)
+
+
+def _fit(
+    x_train,
+    t_train,
+    x_val,
+    t_val,
+    n_classes,
+    *,
+    lr,
+    weight_decay,
+    max_steps,
+    batch_size,
+    eval_every,
+    patience,
+    min_improvement,
+    seed,
+    progress,
+):
+    _, hooks, width = x_train.shape
+    gen = torch.Generator().manual_seed(seed)
+    weight = torch.zeros(hooks, 2, width, n_classes, requires_grad=True)
+    bias = torch.zeros(hooks, 2, n_classes, requires_grad=True)
+    optimizer = torch.optim.AdamW(
+        [{"params": [weight], "weight_decay": weight_decay}, {"params": [bias], "weight_decay": 0.0}], lr=lr
+    )
+    best_loss = torch.full((hooks, 2), float("inf"))
+    best_weight, best_bias = weight.detach().clone(), bias.detach().clone()
+    since_best = torch.zeros(hooks, 2, dtype=torch.long)
+    history = []
+    n = len(x_train)
+    bar = tqdm(total=max_steps, desc="probes", unit="step", disable=not progress)
+    with torch.enable_grad():
+        for step in range(1, max_steps + 1):
+            if batch_size is None or batch_size >= n:
+                xb, tb = x_train, t_train
+            else:
+                rows = torch.randint(0, n, (batch_size,), generator=gen)
+                xb, tb = x_train[rows], t_train[rows]
+            loss = _losses(_logits(xb, weight, bias), tb).sum()  # independent probes: the sum trains each
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            bar.update(1)
+            if step % eval_every and step != max_steps:
+                continue
+            with torch.no_grad():
+                val = _losses(_logits(x_val, weight, bias), t_val)
+                better = val < best_loss * (1 - min_improvement)
+                best_loss = torch.where(better, val, best_loss)
+                best_weight[better] = weight.detach()[better]
+                best_bias[better] = bias.detach()[better]
+                since_best = torch.where(better, 0, since_best + 1)
+            history.append(
+                {"step": step, "train_loss": loss.item() / (2 * hooks), "val_loss": val.mean().item()}
+            )
+            bar.set_postfix(val_loss=f"{float(val.mean()):.3f}")
+            if bool((since_best >= patience).all()):
+                break
+    bar.close()
+    return best_weight, best_bias, pd.DataFrame(history)
