@@ -1,0 +1,97 @@
+"""Prompt pairs and answers, checked: equal token lengths, single-token answers, one per prompt."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from workbench.hooked_model import HookedApertus
+from workbench.patching.components import Prompts
+
+
+def str_tokens(model: HookedApertus, ids: torch.Tensor) -> list[str]:
+    if model.tokenizer is None:  # a token-only model (random_apertus without a tokenizer)
+        return [str(int(i)) for i in ids]
+    return model.to_str_tokens(ids.flatten())
+
+
+def pair_tokens(model: HookedApertus, clean: Prompts, corrupted: Prompts, attention_mask):
+    if isinstance(clean, torch.Tensor) != isinstance(corrupted, torch.Tensor):
+        raise TypeError("Pass clean and corrupted both as texts or both as token tensors.")
+    if isinstance(clean, torch.Tensor):
+        a = clean[None] if clean.ndim == 1 else clean
+        b = corrupted[None] if corrupted.ndim == 1 else corrupted
+        if a.shape != b.shape:
+            raise ValueError(
+                f"Clean tokens have shape {tuple(a.shape)} but corrupted {tuple(b.shape)}: patching needs "
+                f"pairs of equal length.\n  clean:     {str_tokens(model, a[0])}"
+                f"\n  corrupted: {str_tokens(model, b[0])}"
+            )
+        device = model.W_E.device
+        mask = (
+            None if attention_mask is None or bool(attention_mask.all()) else attention_mask.to(device).long()
+        )
+        model._check_tokens(a)
+        model._check_tokens(b)
+        return a.to(device), b.to(device), mask
+    clean = [clean] if isinstance(clean, str) else list(clean)
+    corrupted = [corrupted] if isinstance(corrupted, str) else list(corrupted)
+    if len(clean) != len(corrupted):
+        raise ValueError(
+            f"{len(clean)} clean prompts but {len(corrupted)} corrupted ones: give one corrupted per clean."
+        )
+    for i, (x, y) in enumerate(zip(clean, corrupted)):
+        sx, sy = model.to_str_tokens(x), model.to_str_tokens(y)
+        if len(sx) != len(sy):
+            raise ValueError(
+                f"Pair {i}: the clean prompt has {len(sx)} tokens but the corrupted one {len(sy)}; patching "
+                f"copies activations position by position, so both must tokenise to the same length.\n"
+                f"  clean:     {sx}\n  corrupted: {sy}"
+            )
+    a, mask = model._tokenize(clean)
+    b, _ = model._tokenize(corrupted)
+    device = model.W_E.device
+    mask = None if bool(mask.all()) else mask.to(device)
+    return a.to(device), b.to(device), mask
+
+
+def parse_answers(
+    model: HookedApertus, answers: Any, n: int
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """(correct [n], wrong [n] or None) from a pair, a single answer, one per prompt, or an id tensor."""
+    if answers is None:
+        return None, None
+    device = model.W_E.device
+    if isinstance(answers, torch.Tensor):
+        ids = answers.long().reshape(-1, answers.shape[-1]) if answers.ndim else answers.long().view(1, 1)
+    else:
+        items = [answers] if isinstance(answers, str | int) or _is_pair(answers) else list(answers)
+        rows = [[item] if isinstance(item, str | int) else list(item) for item in items]
+        ids = torch.tensor(
+            [[_token_id(model, t, i) for t in row] for i, row in enumerate(rows)], dtype=torch.long
+        )
+    if ids.shape[0] == 1:
+        ids = ids.expand(n, -1)
+    if ids.shape[0] != n or ids.shape[1] not in (1, 2):
+        raise ValueError(
+            f"answers has shape {tuple(ids.shape)}: give one tuple (correct, wrong) for all prompts, or a "
+            f"list with one tuple (or one answer) per prompt ({n} prompts)."
+        )
+    ids = ids.to(device)
+    if int(ids.min()) < 0 or int(ids.max()) >= model.cfg.d_vocab:
+        raise ValueError(f"An answer id is outside the vocabulary (0..{model.cfg.d_vocab - 1}).")
+    return ids[:, 0].contiguous(), ids[:, 1].contiguous() if ids.shape[1] == 2 else None
+
+
+def _is_pair(x: Any) -> bool:
+    return isinstance(x, tuple) and len(x) == 2 and all(isinstance(t, str | int) for t in x)
+
+
+def _token_id(model: HookedApertus, token: str | int, prompt: int) -> int:
+    if isinstance(token, int):
+        return token
+    try:
+        return model.to_single_token(token)
+    except ValueError as error:
+        raise ValueError(f"Answer of prompt {prompt}: {error} Answers must be single tokens.") from None
