@@ -1,8 +1,9 @@
 """Measure the abilities of a causal LM on the corpus tasks with known ground truth.
 
-The functions take a plain ``transformers`` causal LM and its tokenizer and return plain numbers or
-pandas DataFrames. The training script writes :func:`measure_abilities` into the model card, and the tests
-recompute it with the same arguments, so card and tests agree by construction.
+The functions take a plain ``transformers`` causal LM (e.g. ``AutoModelForCausalLM.from_pretrained``) and its
+tokenizer and return plain numbers or pandas DataFrames; attention patterns are read with the eager kernel,
+switched on for the call and restored after. The training script writes :func:`measure_abilities` into the
+model card, and the tests recompute it with the same arguments, so card and tests agree by construction.
 """
 
 from __future__ import annotations
@@ -53,7 +54,8 @@ def ioi_table(model, tokenizer, prompts: Sequence[IOIPrompt], *, batch_size: int
     """One row per prompt: logits of the answer and the distractor at the final position of the clean prompt.
 
     Columns: ``clean``, ``answer``, ``wrong``, ``template``, ``order``, ``answer_logit``, ``wrong_logit``,
-    ``logit_diff`` (answer minus wrong), ``top1`` (the predicted token) and ``correct`` (top-1 is the answer).
+    ``logit_diff`` (answer minus wrong), ``top1`` (the predicted token, decoded like ``answer``) and
+    ``correct`` (top-1 is the answer).
     """
     rows = []
     with _eval_mode(model):
@@ -79,7 +81,7 @@ def ioi_table(model, tokenizer, prompts: Sequence[IOIPrompt], *, batch_size: int
                         "answer_logit": answer_logit[i].item(),
                         "wrong_logit": wrong_logit[i].item(),
                         "logit_diff": (answer_logit[i] - wrong_logit[i]).item(),
-                        "top1": tokenizer.convert_ids_to_tokens(int(top1[i])),
+                        "top1": tokenizer.decode([int(top1[i])]),
                         "correct": bool(top1[i] == batch.answer_ids[i]),
                     }
                 )
@@ -155,7 +157,9 @@ def previous_token_scores(model, tokens: torch.Tensor, *, batch_size: int = 64) 
         for start in range(0, len(tokens), batch_size):
             chunk = tokens[start : start + batch_size].to(_device(model))
             attentions = model(input_ids=chunk, output_attentions=True).attentions
-            stripe = torch.stack([a[:, :, queries, queries - 1].float().mean(-1).sum(0).cpu() for a in attentions])
+            stripe = torch.stack(
+                [a[:, :, queries, queries - 1].float().mean(-1).sum(0).cpu() for a in attentions]
+            )
             sums = stripe if sums is None else sums + stripe
     scores = sums / len(tokens)
     frame = pd.DataFrame(scores.numpy(), index=pd.RangeIndex(scores.shape[0], name="layer"))
@@ -171,7 +175,7 @@ def measure_abilities(
     n_ioi: int = CARD_IOI_PROMPTS,
     n_induction: int = CARD_INDUCTION_SEQUENCES,
     induction_length: int = CARD_INDUCTION_LENGTH,
-) -> dict[str, float]:
+) -> dict[str, float | int]:
     """The model card's figures, on freshly generated held-out samples.
 
     IOI: ``ioi_prompts(n_ioi, seed, split="heldout")`` (name pairs never seen together in training).

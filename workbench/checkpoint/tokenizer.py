@@ -4,6 +4,9 @@ One token per word of :func:`workbench.data.corpus.vocabulary`, so every name an
 single token. A ``Metaspace`` pre-tokenizer marks the leading space as ``▁`` (" Mary" and "Mary" are both
 the token ``▁Mary``), punctuation is split off, ``<s>`` is prepended by the post-processor, and the
 special-token ids follow ``ApertusConfig``'s defaults (``<unk>``=0, ``<s>``=1, ``</s>``=2, ``<pad>``=3).
+Decoding is the concatenation of the tokens' surface forms, spaces included: ``decode([id_of_Mary])`` is
+``" Mary"``, and ``decode(tokenizer("The dog ran.").input_ids, skip_special_tokens=True)`` is
+``" The dog ran."`` (with a leading space).
 """
 
 from __future__ import annotations
@@ -39,7 +42,10 @@ def build_tokenizer(words: Iterable[str] | None = None) -> PreTrainedTokenizerFa
             pre_tokenizers.Punctuation(behavior="isolated"),
         ]
     )
-    tok.decoder = decoders.Metaspace(replacement=SPACE, prepend_scheme="always", split=True)
+    # Keep every token's leading space when decoding, as byte-level BPE does: the text-generation pipeline
+    # decodes the new tokens on their own and appends them to the prompt, so stripping the first space
+    # would glue " Mary" onto "to". The price: decoding a whole text gives it a leading space.
+    tok.decoder = decoders.Metaspace(replacement=SPACE, prepend_scheme="never", split=True)
     tok.post_processor = processors.TemplateProcessing(
         single=f"{BOS} $A",
         pair=f"{BOS} $A $B",

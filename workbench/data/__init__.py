@@ -1,0 +1,27 @@
+"""Datasets with known ground truth: the seeded synthetic corpus (:mod:`workbench.data.corpus`) and more."""
+
+from workbench.data.corpus import (
+    EVAL_SEED,
+    IOIBatch,
+    IOIPrompt,
+    TaggedSentence,
+    encode_ioi,
+    ioi_prompts,
+    repeated_sequences,
+    repeated_token_ids,
+    tagged_sentences,
+    training_corpus,
+)
+
+__all__ = [
+    "EVAL_SEED",
+    "IOIBatch",
+    "IOIPrompt",
+    "TaggedSentence",
+    "encode_ioi",
+    "ioi_prompts",
+    "repeated_sequences",
+    "repeated_token_ids",
+    "tagged_sentences",
+    "training_corpus",
+]

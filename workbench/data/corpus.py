@@ -263,7 +263,10 @@ def _single_token(tokenizer, text: str) -> int:
 
 
 def encode_ioi(prompts: Sequence[IOIPrompt], tokenizer) -> IOIBatch:
-    """Tokenize prompt pairs; raises if a clean/corrupted pair differs in length or an answer is not one token."""
+    """Tokenize prompt pairs (BOS first).
+
+    Raises ``ValueError`` if a clean/corrupted pair differs in length or an answer is not a single token.
+    """
     clean = [tokenizer(p.clean)["input_ids"] for p in prompts]
     corrupted = [tokenizer(p.corrupted)["input_ids"] for p in prompts]
     for p, c, k in zip(prompts, clean, corrupted, strict=True):
@@ -473,7 +476,7 @@ def vocabulary() -> list[str]:
 
 
 #: Share of each task in :func:`training_corpus` (documents, not tokens).
-DEFAULT_MIXTURE: dict[str, float] = {"ioi": 0.45, "induction": 0.30, "grammar": 0.25}
+DEFAULT_MIXTURE: dict[str, float] = {"ioi": 0.35, "induction": 0.45, "grammar": 0.20}
 
 
 def training_documents(
