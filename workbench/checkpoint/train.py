@@ -40,6 +40,9 @@ from workbench.data.corpus import (
     training_documents,
 )
 
+#: Seed of the samples ``--eval-every`` prints, distinct from the card's ``EVAL_SEED``.
+MONITOR_SEED = 7_777
+
 
 @dataclass
 class Recipe:
@@ -156,7 +159,8 @@ def train(recipe: Recipe, *, eval_every: int = 0, progress: bool = True):
         smoothed = loss.item() if smoothed is None else 0.98 * smoothed + 0.02 * loss.item()
         bar.set_postfix(loss=f"{smoothed:.3f}", lr=f"{scheduler.get_last_lr()[0]:.2e}")
         if eval_every and (step + 1) % eval_every == 0:
-            figures = measure_abilities(model, tokenizer, n_ioi=256, n_induction=64)
+            # A seed of its own, so the card's evaluation samples never steer a training run.
+            figures = measure_abilities(model, tokenizer, seed=MONITOR_SEED, n_ioi=256, n_induction=64)
             bar.write(
                 f"step {step + 1} ({time.perf_counter() - start:.0f}s, loss {smoothed:.3f}): "
                 + ", ".join(f"{k}={v:.3g}" for k, v in figures.items())
@@ -314,16 +318,22 @@ def save(model, tokenizer, out: Path) -> None:
 def main(argv: list[str] | None = None) -> None:
     defaults = Recipe()
     parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        prog="python -m workbench.checkpoint.train",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--out", type=Path, default=DEFAULT_CHECKPOINT, help="output folder")
-    parser.add_argument("--steps", type=int, default=defaults.steps)
-    parser.add_argument("--seed", type=int, default=defaults.seed)
-    parser.add_argument("--lr", type=float, default=defaults.lr)
-    parser.add_argument("--batch-size", type=int, default=defaults.batch_size)
-    parser.add_argument("--layers", type=int, default=defaults.num_hidden_layers)
-    parser.add_argument("--hidden-size", type=int, default=defaults.hidden_size)
-    parser.add_argument("--intermediate-size", type=int, default=defaults.intermediate_size)
+    parser.add_argument("--steps", type=int, default=defaults.steps, help="optimizer steps (%(default)s)")
+    parser.add_argument("--seed", type=int, default=defaults.seed, help="weights and data seed (%(default)s)")
+    parser.add_argument("--lr", type=float, default=defaults.lr, help="peak learning rate (%(default)s)")
+    parser.add_argument(
+        "--batch-size", type=int, default=defaults.batch_size, help="rows per step (%(default)s)"
+    )
+    parser.add_argument("--layers", type=int, default=defaults.num_hidden_layers, help="(%(default)s)")
+    parser.add_argument("--hidden-size", type=int, default=defaults.hidden_size, help="(%(default)s)")
+    parser.add_argument(
+        "--intermediate-size", type=int, default=defaults.intermediate_size, help="(%(default)s)"
+    )
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     parser.add_argument("--eval-every", type=int, default=0, help="print abilities every N steps (0: never)")
     args = parser.parse_args(argv)
