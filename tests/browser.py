@@ -337,3 +337,13 @@ def _stop_server(server: subprocess.Popen, base_url: str, token: str) -> None:
         except subprocess.TimeoutExpired:
             server.kill()
             server.wait(timeout=10)
+
+
+def wait_for_change(read, before, timeout_s: float = 60):
+    """Poll `read()` until it differs from `before`; the new value (TimeoutError after timeout_s)."""
+    deadline = time.monotonic() + timeout_s
+    while (now := read()) == before:
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"Still {before!r:.80} after {timeout_s:.0f} s")
+        time.sleep(0.25)
+    return now

@@ -2,20 +2,9 @@
 
 from __future__ import annotations
 
-import time
-
 import browser
 import pytest
-from browser import _check_url, browser_output_dir, jupyter_lab
-
-
-def wait_for_change(read, before, timeout_s: float = 60):
-    deadline = time.monotonic() + timeout_s
-    while (now := read()) == before:
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"Still {before!r:.80} after {timeout_s:.0f} s")
-        time.sleep(0.25)
-    return now
+from browser import _check_url, browser_output_dir, jupyter_lab, wait_for_change
 
 
 @pytest.mark.browser

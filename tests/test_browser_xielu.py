@@ -3,21 +3,10 @@ regime plot (the layer's curve over its input histogram)."""
 
 from __future__ import annotations
 
-import time
-
 import pytest
-from browser import browser_output_dir, jupyter_lab
+from browser import browser_output_dir, jupyter_lab, wait_for_change
 
 NOTEBOOK = "04_xielu.ipynb"
-
-
-def wait_for_change(read, before, timeout_s: float = 60):
-    deadline = time.monotonic() + timeout_s
-    while (now := read()) == before:
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"Still {before!r:.80} after {timeout_s:.0f} s")
-        time.sleep(0.25)
-    return now
 
 
 def run_xielu_notebook_and_change_layer(lab) -> None:
