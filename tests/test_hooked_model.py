@@ -9,10 +9,12 @@ import torch
 from conftest import attached_hooks
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from transformers.activations import XIELUActivation
 
 import workbench
 from workbench import HookedApertus, NotApertusError
 from workbench.checkpoint.synthetic import make_random_checkpoint, random_apertus
+from workbench.hooked_model import masked_scores, run_xielu
 
 TOL = 1e-5
 
@@ -252,6 +254,39 @@ def test_xielu_parameters_are_what_the_activation_applies(random_model):
         )
         assert max_diff(curve, act(x)) <= 1e-5
     assert table["alpha_p"].nunique() == 3  # the random checkpoint perturbs each layer differently
+
+
+@pytest.mark.parametrize("x_dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("param_dtype", [torch.float32, torch.bfloat16])
+def test_in_place_xielu_is_bit_for_bit_the_module(x_dtype, param_dtype):
+    act = XIELUActivation(alpha_p_init=0.6, alpha_n_init=1.3, beta=0.4, eps=-1e-6, dtype=param_dtype)
+    x = torch.cat([torch.linspace(-30, 8, 4000), torch.tensor([0.0, -1e-6, -2e-6, 1e-7])]).to(x_dtype)
+    x = x[torch.randperm(len(x), generator=torch.Generator().manual_seed(0))].view(2, -1, 1)
+    with torch.no_grad():
+        expected = act(x)
+        got = run_xielu(act, x)
+    assert got.dtype == expected.dtype
+    assert torch.equal(got, expected)
+    # With a gradient wanted the module runs itself, so backward works and agrees.
+    x = x.float().requires_grad_()
+    run_xielu(act, x).sum().backward()
+    got_grad = x.grad.clone()
+    x.grad = None
+    act(x).sum().backward()
+    assert torch.equal(got_grad, x.grad)
+
+
+def test_masked_scores_equal_the_eager_formula():
+    g = torch.Generator().manual_seed(1)
+    q, k = torch.randn(3, 4, 7, 16, generator=g), torch.randn(3, 4, 9, 16, generator=g)
+    allowed = torch.rand(3, 1, 7, 9, generator=g) > 0.3
+    for mask in (allowed, allowed[:1]):
+        additive = torch.where(mask, 0.0, torch.finfo(torch.float32).min)
+        expected = torch.matmul(q, k.transpose(2, 3)) * 0.25 + additive
+        got = masked_scores(q, k, 0.25, additive)
+        assert max_diff(got, expected) <= 1e-6 and torch.equal(
+            got == torch.finfo(torch.float32).min, ~mask.expand_as(got)
+        )
 
 
 # ------------------------------------------------------------------------------------------ bad input
