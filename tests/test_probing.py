@@ -138,6 +138,18 @@ def test_harvest_refuses_a_folder_of_other_data(corpus_model, pos_data, tmp_path
     assert attached_hooks(corpus_model) == 0
 
 
+def test_harvest_encodes_a_labelled_dataset_itself(corpus_model, pos_data, tmp_path):
+    words = harvest(corpus_model, pos_data[:6], tmp_path / "words", **FAST).load()
+    encoded = harvest(
+        corpus_model, pos_data[:6].encode(corpus_model.tokenizer), tmp_path / "encoded", **FAST
+    ).load()
+    assert words.keys() == encoded.keys()
+    assert all(torch.equal(words[key], encoded[key]) for key in words)
+    with pytest.raises(TypeError, match="TokenLabelledDataset or an EncodedDataset, not list"):
+        harvest(corpus_model, ["a text"], tmp_path / "bad", **FAST)
+    assert not (tmp_path / "bad").exists()
+
+
 # -------------------------------------------------------------------------------------------------- probes
 def test_probe_table_and_metrics_agree_with_sklearn(pos_probes):
     table = pos_probes.table

@@ -26,7 +26,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from workbench.data.alignment import IGNORE, EncodedDataset
+from workbench.data.alignment import IGNORE, EncodedDataset, TokenLabelledDataset
 
 __all__ = ["Harvest", "harvest", "hook_layer", "is_residual_hook", "residual_hooks"]
 
@@ -164,7 +164,7 @@ class Harvest:
 
 def harvest(
     model: Any,
-    data: EncodedDataset,
+    data: EncodedDataset | TokenLabelledDataset,
     folder: str | Path,
     *,
     hooks: list[str] | None = None,
@@ -176,14 +176,23 @@ def harvest(
 ) -> Harvest:
     """Run ``model`` over ``data`` and store each labelled token's activation at every hook in ``folder``.
 
+    data: an :class:`EncodedDataset`, or a :class:`TokenLabelledDataset`, then encoded with the model's
+        tokenizer, labels on each word's first sub-token (``data.encode(...)`` yourself for other choices).
+
     hooks: hook names (default :func:`residual_hooks`: the residual stream after 0..n_layers layers);
         any hook with one vector per token works (residual stream, attn/mlp outputs, hook_z, mlp.hook_post,
         ...).
     shard_sentences: sentences per shard, which bounds memory; batch_size: sentences per forward.
     overwrite: replace a harvest of other data in ``folder`` (otherwise that is an error); a harvest of the
-    same
-        data resumes where it stopped, and a finished one is returned as it is.
+        same data resumes where it stopped, and a finished one is returned as it is.
     """
+    if isinstance(data, TokenLabelledDataset):
+        data = data.encode(model.tokenizer)
+    elif not isinstance(data, EncodedDataset):
+        raise TypeError(
+            f"harvest needs a TokenLabelledDataset or an EncodedDataset, not {type(data).__name__}: "
+            "build one with TokenLabelledDataset.from_tagged(...) or workbench.data.read_conllu(...)."
+        )
     hooks = residual_hooks(model.cfg.n_layers) if hooks is None else list(hooks)
     if not hooks:
         raise ValueError(
