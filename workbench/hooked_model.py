@@ -578,7 +578,7 @@ class HookedApertus(HookedRootModule):
 
     def remove_all_hook_fns(self, direction="both", including_permanent=False, level=None) -> None:
         # Only the points that hold hooks: TransformerLens reassigns every point's hook lists through
-        # nn.Module.__setattr__, a fifth of a small model's patching sweep when done for all ~200 points.
+        # nn.Module.__setattr__, a tenth of a small model's patching sweep when done for all ~200 points.
         for point in self.hook_dict.values():
             if point.fwd_hooks or point.bwd_hooks:
                 point.remove_hooks(direction, including_permanent=including_permanent, level=level)

@@ -191,7 +191,7 @@ def harvest(
     elif not isinstance(data, EncodedDataset):
         raise TypeError(
             f"harvest needs a TokenLabelledDataset or an EncodedDataset, not {type(data).__name__}: "
-            "build one with TokenLabelledDataset.from_tagged(...) or workbench.data.read_conllu(...)."
+            "build one with TokenLabelledDataset.from_tagged(...) or workbench.data.conllu.read_conllu(...)."
         )
     hooks = residual_hooks(model.cfg.n_layers) if hooks is None else list(hooks)
     if not hooks:
