@@ -41,19 +41,22 @@ from workbench.probing import harvest, train_probes  # noqa: E402
 from workbench.probing.probes import rms_normalize  # noqa: E402
 
 
-def embedded_or_random(workdir: Path):
-    if (DEFAULT_CHECKPOINT / "model.safetensors").exists():
-        return workbench.load(), "embedded checkpoint"
+def random_model(folder: Path, **shape):
+    """A random Apertus of `shape` with the embedded model's tokenizer, loaded from `folder`."""
     from workbench.checkpoint.synthetic import random_apertus
     from workbench.checkpoint.tokenizer import build_tokenizer
 
     tok = build_tokenizer()
-    folder = workdir / "random"
-    random_apertus(layers=3, d_model=192, heads=4, kv_heads=2, d_mlp=768, vocab=len(tok)).save_pretrained(
-        folder
-    )
+    random_apertus(vocab=len(tok), **shape).save_pretrained(folder)
     tok.save_pretrained(folder)
-    return workbench.load(folder), "random Apertus of the embedded shape (checkpoint not trained yet)"
+    return workbench.load(folder)
+
+
+def embedded_or_random(workdir: Path):
+    if (DEFAULT_CHECKPOINT / "model.safetensors").exists():
+        return workbench.load(), "embedded checkpoint"
+    model = random_model(workdir / "random", layers=3, d_model=192, heads=4, kv_heads=2, d_mlp=768)
+    return model, "random Apertus of the embedded shape (checkpoint not trained yet)"
 
 
 def harvest_vs_forward(model, encoded, batch: int, rounds: int, workdir: Path) -> dict:
@@ -147,16 +150,7 @@ def probes_vs_sklearn(harvest_folder: Path) -> dict:
 def wide_harvest(workdir: Path, sentences: int, batch: int) -> Path:
     """A harvest from a random Apertus as wide as the overhead benchmark's (8 layers, d_model 512), where the
     batched fit meets the sizes of real models (scikit-learn's per-layer cost grows with the width)."""
-    from workbench.checkpoint.synthetic import random_apertus
-    from workbench.checkpoint.tokenizer import build_tokenizer
-
-    tok = build_tokenizer()
-    folder = workdir / "wide-model"
-    random_apertus(layers=8, d_model=512, heads=8, kv_heads=4, d_mlp=2048, vocab=len(tok)).save_pretrained(
-        folder
-    )
-    tok.save_pretrained(folder)
-    model = workbench.load(folder)
+    model = random_model(workdir / "wide-model", layers=8, d_model=512, heads=8, kv_heads=4, d_mlp=2048)
     data = TokenLabelledDataset.from_tagged(tagged_sentences(sentences, seed=EVAL_SEED), "pos")
     harvest(model, data, workdir / "wide-harvest", batch_size=batch, progress=False)
     return workdir / "wide-harvest"
