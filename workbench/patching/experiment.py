@@ -12,6 +12,7 @@ import torch
 from tqdm.auto import tqdm
 
 from workbench.hooked_model import HookedApertus
+from workbench.names import act_name
 from workbench.patching.components import (
     COMPONENTS,
     METRICS,
@@ -25,11 +26,11 @@ from workbench.patching.components import (
     shift_cell,
 )
 from workbench.patching.forward import (
+    PrefixKV,
     default_max_batch,
     forward_from,
     forward_with_hooks,
     patch_hook,
-    prepend_hook,
 )
 from workbench.patching.inputs import pair_tokens, parse_answers, str_tokens
 from workbench.patching.result import PatchResult
@@ -341,18 +342,16 @@ class PatchingExperiment:
             hooks.append((names[layer], patch_hook(src, mask[:, None])))
         entry = self.activations(base, [f"blocks.{layer}.hook_resid_pre" for layer in joins])
         entry = {layer: entry[f"blocks.{layer}.hook_resid_pre"][:, start:] for layer in joins}
+        prefix = None
         if start:  # every layer from the first reads the base run's keys and values before `start`
-            prefix = [
-                f"blocks.{layer}.attn.{h}"
-                for layer in range(first, self.model.cfg.n_layers)
-                for h in ("hook_rot_k", "hook_v")
-            ]
-            hooks += [
-                (name, prepend_hook(act[:, :start])) for name, act in self.activations(base, prefix).items()
-            ]
+            layers = range(first, self.model.cfg.n_layers)
+            kv = self.activations(base, [act_name(h, la) for la in layers for h in ("rot_k", "v")])
+            keys = {la: kv[act_name("rot_k", la)] for la in layers}
+            values = {la: kv[act_name("v", la)] for la in layers}
+            prefix = PrefixKV(keys, values, start)
         last = None if full else self.last - start
         with torch.no_grad():
-            logits = forward_from(self.model, joins, entry, self.mask, hooks, last, start)
+            logits = forward_from(self.model, joins, entry, self.mask, hooks, last, prefix)
         logits = logits.view(len(cells), self.n_prompts, *logits.shape[1:])
         unsorted = torch.empty_like(logits)
         unsorted[order] = logits

@@ -32,8 +32,8 @@ def pair_tokens(model: HookedApertus, clean: Prompts, corrupted: Prompts, attent
         mask = (
             None if attention_mask is None or bool(attention_mask.all()) else attention_mask.to(device).long()
         )
-        model._check_tokens(a)
-        model._check_tokens(b)
+        model.check_tokens(a)
+        model.check_tokens(b)
         return a.to(device), b.to(device), mask
     clean = [clean] if isinstance(clean, str) else list(clean)
     corrupted = [corrupted] if isinstance(corrupted, str) else list(corrupted)
@@ -49,8 +49,8 @@ def pair_tokens(model: HookedApertus, clean: Prompts, corrupted: Prompts, attent
                 f"copies activations position by position, so both must tokenise to the same length.\n"
                 f"  clean:     {sx}\n  corrupted: {sy}"
             )
-    a, mask = model._tokenize(clean)
-    b, _ = model._tokenize(corrupted)
+    a, mask = model.tokenize(clean)
+    b, _ = model.tokenize(corrupted)
     device = model.W_E.device
     mask = None if bool(mask.all()) else mask.to(device)
     return a.to(device), b.to(device), mask
