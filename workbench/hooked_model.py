@@ -187,9 +187,7 @@ class HookedApertus(ModelSurface, HookedRootModule):
 
     def prepare_input(self, input: Input, attention_mask=None, past_key_values=None):
         """Tokens on the embedding's device and a boolean key mask (None when nothing is padded)."""
-        if isinstance(input, str) or (
-            isinstance(input, (list, tuple)) and input and isinstance(input[0], str)
-        ):
+        if isinstance(input, (str, list, tuple)):
             if attention_mask is not None:
                 raise ValueError(
                     "attention_mask was passed with text: the workbench pads texts and makes their mask "
