@@ -26,7 +26,15 @@ from collections.abc import Iterable, Sequence
 from functools import lru_cache
 from typing import Any, Literal
 
-__all__ = ["SPACE", "display_token", "display_tokens", "escape_label", "escape_labels", "is_word_token"]
+__all__ = [
+    "SPACE",
+    "display_token",
+    "display_tokens",
+    "escape_label",
+    "escape_labels",
+    "is_word_token",
+    "word_token_ids",
+]
 
 #: How a space is shown.
 SPACE = "␣"
@@ -84,20 +92,36 @@ def escape_labels(texts: Iterable[str]) -> list[str]:
 
 
 def is_word_token(tokenizer: Any, token_id: int) -> bool:
-    """Whether a token is a whole word of letters, optionally after one leading space: no special or
-    control token, no partial UTF-8 character, no digits, punctuation or whitespace."""
-    if token_id in _added_tokens(tokenizer):
-        return False
-    piece = tokenizer.convert_ids_to_tokens(token_id)
-    if piece is None:
-        return False
-    data = _piece_bytes(piece, _is_byte_level(tokenizer))
-    try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError:
-        return False
-    word = text[1:] if text.startswith(" ") else text
-    return word.isalpha() and word.isprintable()
+    """Whether a token is a whole word: letters only, after one leading space (the start of a word in
+    running text), printable; no special or control token, no partial UTF-8 character. A tokenizer without
+    space-led tokens (none of its tokens starts with a space) has its letter-only tokens count."""
+    return token_id in set(word_token_ids(tokenizer, [token_id]))
+
+
+def word_token_ids(tokenizer: Any, ids: Iterable[int] | None = None) -> list[int]:
+    """The ids (sorted) of the whole-word tokens (see :func:`is_word_token`) among ``ids`` (default: the
+    whole vocabulary)."""
+    added = _added_tokens(tokenizer)
+    byte_level = _is_byte_level(tokenizer)
+    vocab = tokenizer.get_vocab()
+    spaced = any(_piece_bytes(piece, byte_level).startswith(b" ") for piece in vocab)
+    if ids is not None:
+        wanted = set(ids)
+        vocab = {piece: i for piece, i in vocab.items() if i in wanted}
+    out = []
+    for piece, token_id in vocab.items():
+        if token_id in added:
+            continue
+        try:
+            text = _piece_bytes(piece, byte_level).decode("utf-8")
+        except UnicodeDecodeError:
+            continue
+        if spaced and not text.startswith(" "):
+            continue
+        word = text[1:] if spaced else text
+        if word.isalpha() and word.isprintable():
+            out.append(token_id)
+    return sorted(out)
 
 
 # ----------------------------------------------------------------------------------------------------------
