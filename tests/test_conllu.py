@@ -228,6 +228,32 @@ def test_malformed_files_name_the_line_and_reason(text, line, reason):
     assert str(error.value).startswith(f"bad.conllu, line {line}: ")
 
 
+def test_a_byte_order_mark_is_accepted(tmp_path):
+    path = tmp_path / "bom.conllu"
+    path.write_bytes(b"\xef\xbb\xbf" + GOOD.encode())
+    assert read_conllu(path, "upos").sentences[0].words == ("Hi",)
+    assert parse_conllu("\ufeff" + GOOD).sentences[0].labels == ("INTJ",)
+
+
+def test_a_file_that_is_not_utf8_names_the_line(tmp_path):
+    path = tmp_path / "latin1.conllu"
+    path.write_bytes((GOOD + "\n1\tcafé\tcafé\tNOUN\t_\t_\t0\troot\t_\t_\n").encode("latin-1"))
+    with pytest.raises(
+        ConlluError, match=r"latin1.conllu, line 3: the file is not UTF-8 \(byte 0xE9 at column 6\)"
+    ):
+        read_conllu(path)
+
+
+def test_a_column_function_that_raises_names_the_line():
+    def broken(token):
+        return token["feats"]["Number"]  # feats is None on this line
+
+    with pytest.raises(
+        ConlluError, match=r"bad.conllu, line 2: the column function 'broken' raised TypeError"
+    ):
+        parse_conllu("# c\n" + GOOD, broken, source="bad.conllu")
+
+
 def test_an_all_empty_column_is_an_error():
     with pytest.raises(ValueError, match="empty"):
         parse_conllu(GOOD, "xpos")
