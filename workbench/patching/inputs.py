@@ -78,7 +78,7 @@ def parse_answers(
                 "pair per prompt, or a tensor of integer ids."
             )
         items = [answers] if isinstance(answers, str | int) or _is_pair(answers) else list(answers)
-        rows = [[item] if isinstance(item, str | int) else list(item) for item in items]
+        rows = [list(item) if isinstance(item, tuple | list) else [item] for item in items]
         ids = torch.tensor(
             [[_token_id(model, t, i) for t in row] for i, row in enumerate(rows)], dtype=torch.long
         )
