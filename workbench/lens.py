@@ -27,6 +27,7 @@ import plotly.graph_objects as go
 import torch
 
 from workbench.hooked_model import HookedApertus, Input
+from workbench.vocabulary import check_known
 
 TokenLike = int | str
 
@@ -406,7 +407,9 @@ def _check_position(position: int, length: int) -> int:
 
 def _token_id(model: HookedApertus, token: TokenLike) -> int:
     if isinstance(token, str):
-        return model.to_single_token(token)
+        token_id = model.to_single_token(token)
+        check_known(model, token, token_id)
+        return token_id
     if isinstance(token, int) and not isinstance(token, bool) and 0 <= token < model.cfg.d_vocab:
         return token
     raise ValueError(

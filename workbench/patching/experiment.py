@@ -101,7 +101,7 @@ class PatchingExperiment:
         if callable(metric):
             values = []
             for start in range(0, logits.shape[0], b):
-                value = torch.as_tensor(metric(logits[start : start + b]), dtype=torch.float64)
+                value = _metric_value(metric(logits[start : start + b]))
                 if value.ndim > 1 or (value.ndim == 1 and value.shape[0] != b):
                     raise ValueError(
                         f"The metric returned shape {tuple(value.shape)}: return a scalar or one value per "
@@ -162,6 +162,11 @@ class PatchingExperiment:
         """Every cell of a component's sweep (neurons: of `layer`; restricted to `layers`/`positions`)."""
         spec = component_spec(component)
         model, cfg = self.model, self.model.cfg
+        for what, given in (("layers", layers), ("positions", positions)):
+            if given is not None and len(given) == 0:
+                raise ValueError(
+                    f"{what}=[] selects nothing to patch: pass None for all {what}, or at least one."
+                )
         if spec.name == "neurons":
             if layer is None:
                 raise ValueError(
@@ -223,6 +228,8 @@ class PatchingExperiment:
         """
         spec, metric = component_spec(component), self._check_metric(metric)
         direction = check_direction(direction)
+        _check_size("max_batch", max_batch, "rows per forward")
+        _check_size("memory_budget", memory_budget, "bytes")
         neuron_positions = positions if spec.name == "neurons" else None
         if cells is None:
             cells = self.cells(spec.name, layer=layer, layers=layers, positions=positions)
@@ -455,3 +462,30 @@ class PatchingExperiment:
                 spec, metric, direction, normalize, "attribution", cells[spec.name], raw
             )
         return results[specs[0].name] if single else results
+
+
+def _check_size(what: str, value: Any, unit: str) -> None:
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+        raise ValueError(
+            f"{what}={value!r}: give a whole number of {unit}, at least 1, or None for the default."
+        )
+
+
+def _metric_value(value: Any) -> torch.Tensor:
+    """A custom metric's return value as float64, refused when it is not a finite number (or numbers)."""
+    if (
+        isinstance(value, str)
+        or not isinstance(value, (int, float, torch.Tensor))
+        and not hasattr(value, "__array__")
+    ):
+        raise TypeError(
+            f"The metric returned {type(value).__name__} {value!r:.60}: return a number or a tensor (a "
+            "scalar or one value per prompt) computed from the logits."
+        )
+    value = torch.as_tensor(value, dtype=torch.float64)
+    if not bool(torch.isfinite(value).all()):
+        raise ValueError(
+            f"The metric returned {value.tolist()}: not a finite number, so no patching effect can be "
+            "measured. Check it on the unpatched logits (e.g. a log of 0, a division by a zero difference)."
+        )
+    return value
