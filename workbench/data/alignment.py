@@ -230,6 +230,11 @@ class TokenLabelledDataset:
                 skipped.append((_where(sentence), f"{type(error).__name__}: {error}"))
                 continue
             kept.append((sentence, row))
+        if not self.sentences:
+            raise ValueError(
+                f"{self.name or 'The dataset'} has no sentences: read a file that has some, or check the "
+                "slice you took."
+            )
         if not kept:
             raise AlignmentError(
                 f"No sentence of {self.name or 'the dataset'} could be encoded; the first: "
