@@ -26,9 +26,10 @@ import pandas as pd
 import plotly.graph_objects as go
 import torch
 import torch.nn.functional as F
-from transformer_lens.utilities import get_act_name as act_name
 
 from workbench.hooked_model import HookedApertus, Input
+from workbench.names import act_name
+from workbench.vocabulary import check_known
 
 TokenLike = int | str
 
@@ -36,20 +37,12 @@ TokenLike = int | str
 # ----------------------------------------------------------------------------------------- logit lens
 def final_norm(model: HookedApertus, resid: torch.Tensor) -> torch.Tensor:
     """The final RMSNorm applied to any residual stream with its own scale, exactly as the model does."""
-    norm = model.hf_model.model.norm
-    x32 = resid.to(torch.float32)
-    scale = torch.sqrt(x32.pow(2).mean(-1, keepdim=True) + norm.variance_epsilon)
-    return norm.weight * (x32 / scale).to(resid.dtype)
+    return model.ln_final(resid)
 
 
 def unembed(model: HookedApertus, normed: torch.Tensor) -> torch.Tensor:
     """Logits from a normalised residual stream (the model's own output head)."""
-    head = _head(model)
-    return head(normed.to(head.weight.device))
-
-
-def _head(model: HookedApertus) -> torch.nn.Linear:
-    return model.hf_model.lm_head if hasattr(model.hf_model, "lm_head") else model.hf_model.score
+    return model.unembed(normed)
 
 
 def layer_labels(model: HookedApertus) -> list[str]:
@@ -100,7 +93,7 @@ def _streams(model, input, attention_mask=None, position: int | None = None) -> 
 def _logit_chunks(model: HookedApertus, streams: torch.Tensor, vocab_chunk: int, first: int = 0):
     """(start, float32 logits [rows, chunk]) over the vocabulary, for residual streams [rows, d_model], each
     read with its own final-norm scale; the same numbers as the model's output head, a chunk at a time."""
-    head = _head(model)
+    head = model.output_head
     normed = final_norm(model, streams).to(head.weight.device)
     for start in range(first, head.weight.shape[0], vocab_chunk):
         bias = None if head.bias is None else head.bias[start : start + vocab_chunk]
@@ -165,7 +158,7 @@ def logit_lens_table(model: HookedApertus, prompt: str | torch.Tensor, k: int = 
     top_logit, top_id, log_norm = top_logit[:, 0], top_id[:, 0], log_norm[:, 0]
     top_p = (top_logit - log_norm[..., None]).exp()
     labels, here = layer_labels(model), model.to_str_tokens(tokens[0])
-    texts = {t: model._token_text(t) for t in top_id.unique().tolist()}
+    texts = {t: model.token_text(t) for t in top_id.unique().tolist()}
     rows = []
     for li, label in enumerate(labels):
         for pos in range(tokens.shape[1]):
@@ -418,7 +411,7 @@ def residual_decomposition(
 def _tokens_and_mask(model, input: Input, attention_mask) -> tuple[torch.Tensor, torch.Tensor | None]:
     if isinstance(input, torch.Tensor):
         return (input[None] if input.ndim == 1 else input), attention_mask
-    return model._tokenize(input)
+    return model.tokenize(input)
 
 
 def _positions(positions, batch: int, length: int) -> torch.Tensor:
@@ -547,7 +540,9 @@ def _check_position(position: int, length: int) -> int:
 
 def _token_id(model: HookedApertus, token: TokenLike) -> int:
     if isinstance(token, str):
-        return model.to_single_token(token)
+        token_id = model.to_single_token(token)
+        check_known(model, token, token_id)
+        return token_id
     if isinstance(token, int) and not isinstance(token, bool) and 0 <= token < model.cfg.d_vocab:
         return token
     raise ValueError(

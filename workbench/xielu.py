@@ -39,9 +39,9 @@ import pandas as pd
 import plotly.graph_objects as go
 import torch
 from tqdm.auto import tqdm
-from transformer_lens.utilities import get_act_name as act_name
 
 from workbench.hooked_model import HookedApertus
+from workbench.names import act_name
 
 REGIMES: tuple[str, ...] = ("positive", "negative falling", "negative rising")
 REGIME_COLORS: dict[str, str] = {
@@ -150,7 +150,7 @@ def neuron_output_tokens(model: HookedApertus, layer: int, neuron: int, k: int =
                 {
                     "kind": kind,
                     "rank": rank,
-                    "token": model._token_text(token),
+                    "token": model.token_text(token),
                     "token_id": token,
                     "logit": logit,
                 }
@@ -387,7 +387,7 @@ def _batches(prompts, batch_size: int):
 def _tokens_and_mask(model: HookedApertus, batch) -> tuple[torch.Tensor, torch.Tensor | None]:
     if isinstance(batch, torch.Tensor):
         return batch, None
-    tokens, mask = model._tokenize(batch)
+    tokens, mask = model.tokenize(batch)
     return tokens, mask
 
 
@@ -506,7 +506,7 @@ class _Accumulator:
         self.edges[layer] = np.linspace(low, high, self.bins + 1)
 
     def result(self, model) -> XIELUStatistics:
-        vocab = [model._token_text(i) for i in range(model.cfg.d_vocab)]
+        vocab = [model.token_text(i) for i in range(model.cfg.d_vocab)]
         return XIELUStatistics(
             params=self.params,
             layers=list(self.layers),
