@@ -20,15 +20,16 @@ What remains between the parts' sum and the stream is floating-point rounding on
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import pandas as pd
 import plotly.graph_objects as go
 import torch
 import torch.nn.functional as F
+from transformer_lens.ActivationCache import ActivationCache
 
 from workbench.hooked_model import HookedApertus, Input
-from workbench.names import act_name
+from workbench.names import act_name, resid_labels, resid_names
 from workbench.vocabulary import check_known
 
 TokenLike = int | str
@@ -46,13 +47,9 @@ def unembed(model: HookedApertus, normed: torch.Tensor) -> torch.Tensor:
 
 
 def layer_labels(model: HookedApertus) -> list[str]:
-    """Names of the logit lens's rows: the embedding, then the output of each layer."""
-    return ["embed"] + [f"L{layer}" for layer in range(model.cfg.n_layers)]
-
-
-def stream_names(model: HookedApertus) -> list[str]:
-    """The hook names of the logit lens's rows: the embeddings, then the stream after each layer."""
-    return [act_name("resid_pre", 0)] + [act_name("resid_post", la) for la in range(model.cfg.n_layers)]
+    """Names of the logit lens's rows, the residual streams 0..n_layers in the engine's one numbering
+    (TransformerLens's `accumulated_resid` labels): "0_pre" (the embedding), "1_pre", ..., "final_post"."""
+    return resid_labels(model.cfg.n_layers)
 
 
 def lens_logits(
@@ -71,23 +68,53 @@ def lens_logits(
 
 
 def _streams(model, input, attention_mask=None, position: int | None = None) -> torch.Tensor:
-    """The lens's residual streams [n_layers + 1, batch, pos, d_model] (only `position`, kept as a length-1
-    axis, when one is given: the forward then stops there, since later tokens cannot change it)."""
-    names = stream_names(model)
+    """The lens's residual streams [n_layers + 1, batch, pos, d_model], TransformerLens's
+    `accumulated_resid` of a cache of them (only `position`, kept as a length-1 axis, when one is given:
+    the forward then stops there, since later tokens cannot change it)."""
+    tokens, mask = _tokens_and_mask(model, input, attention_mask)
+    if position is not None:
+        tokens = tokens[:, : position + 1]
+        mask = None if mask is None else mask[:, : position + 1]
+        position = torch.full((tokens.shape[0],), position)
+    cache, _ = run_cache(model, tokens, mask, resid_names(model.cfg.n_layers), position)
+    return cache.accumulated_resid()
+
+
+def run_cache(
+    model: HookedApertus,
+    tokens: torch.Tensor,
+    mask: torch.Tensor | None,
+    names: Sequence[str],
+    positions: torch.Tensor | None = None,
+    logits: bool = False,
+) -> tuple[ActivationCache, torch.Tensor | None]:
+    """TransformerLens's `ActivationCache` of `names` from one run (and the logits when asked).
+
+    positions: None keeps every position; else one position per prompt [batch], taken by the hooks as the
+    forward passes, so each activation keeps a length-1 `pos` axis and the cache holds batch x (not
+    batch x pos) of each; the logits are then computed at those positions only.
+    """
+    rows = torch.arange(tokens.shape[0])
     kept: dict[str, torch.Tensor] = {}
 
     def keep(act: torch.Tensor, hook) -> None:
-        kept[hook.name] = act.detach() if position is None else act[:, position : position + 1].clone()
+        if positions is None:
+            kept[hook.name] = act.detach()
+        else:
+            kept[hook.name] = act[rows.to(act.device), positions.to(act.device)][:, None].clone()
 
-    if position is not None:
-        input = input[:, : position + 1]
-        attention_mask = None if attention_mask is None else attention_mask[:, : position + 1]
+    final = act_name("resid_post", model.cfg.n_layers - 1)
+    wanted = list(dict.fromkeys([*names, final] if logits and positions is not None else names))
     with torch.no_grad():
-        model.run_with_hooks(
-            input, attention_mask=attention_mask, fwd_hooks=[(n, keep) for n in names], return_type=None
+        out = model.run_with_hooks(
+            tokens,
+            attention_mask=mask,
+            fwd_hooks=[(n, keep) for n in wanted],
+            return_type="logits" if logits and positions is None else None,
         )
-    device = kept[names[0]].device
-    return torch.stack([kept[n].to(device) for n in names])
+        if logits and positions is not None:  # the model's own norm and head, at the kept positions only
+            out = model.unembed(model.ln_final(kept[final]))
+    return ActivationCache(kept, model), out
 
 
 def _logit_chunks(model: HookedApertus, streams: torch.Tensor, vocab_chunk: int, first: int = 0):
@@ -288,7 +315,8 @@ class Decomposition:
     -1 for embed/MLP/bias rows). final_resid: the stream entering the final norm; scale: the final norm's
     RMS scale from the same run [batch, pos, 1]; logits: the model's output [batch, pos, vocab].
     positions: None when every position is kept; else the one position kept per prompt [batch], and the
-    `pos` axis of every tensor above has length 1 (it holds that position).
+    `pos` axis of every tensor above has length 1 (it holds that position). cache: the run's
+    `ActivationCache` of what the decomposition read (for TransformerLens's methods).
     """
 
     labels: list[str]
@@ -301,6 +329,7 @@ class Decomposition:
     logits: torch.Tensor
     attention_mask: torch.Tensor | None
     positions: torch.Tensor | None = None
+    cache: ActivationCache | None = field(default=None, repr=False)  # TransformerLens's, of what was kept
 
     def max_error(self) -> float:
         """Largest |sum of parts - final residual| over every entry (floating-point rounding only)."""
@@ -345,66 +374,49 @@ def residual_decomposition(
     batch, length = tokens.shape
     if positions is not None:
         positions = _positions(positions, batch, length)
-    rows = torch.arange(batch)
-    kept: dict[str, torch.Tensor] = {}
-
-    def keep(act: torch.Tensor, hook) -> None:
-        if positions is None:
-            kept[hook.name] = act.detach()
-        else:
-            at = rows.to(act.device), positions.to(act.device)
-            kept[hook.name] = act[at][:, None].clone()
-
     cfg = model.cfg
     final = act_name("resid_post", cfg.n_layers - 1)
-    names = [act_name("embed"), act_name("scale"), act_name("normalized"), final]
-    names += [act_name("z", la) for la in range(cfg.n_layers)]
-    names += [act_name("mlp_out", la) for la in range(cfg.n_layers)]
+    names = [act_name("embed"), act_name("scale"), final]
+    names += [act_name(kind, la) for la in range(cfg.n_layers) for kind in ("z", "mlp_out")]
+    cache, logits = run_cache(model, tokens, mask, names, positions, logits=True)
     with torch.no_grad():
-        logits = model.run_with_hooks(
-            tokens,
-            attention_mask=mask,
-            fwd_hooks=[(n, keep) for n in names],
-            return_type="logits" if positions is None else None,
-        )
-        if positions is not None:  # the model's own output head, at the kept positions only
-            logits = unembed(model, model.hf_model.model.norm.weight * kept[act_name("normalized")])
-        parts, labels, kinds, layers, heads = [kept[act_name("embed")]], ["embed"], ["embed"], [-1], [-1]
-        for la, decoder in enumerate(model.hf_model.model.layers):
-            o_proj = decoder.self_attn.o_proj
-            w_o = o_proj.weight.view(o_proj.out_features, cfg.n_heads, cfg.d_head)
-            z = kept.pop(act_name("z", la))
-            per_head = torch.einsum("bphd,mhd->hbpm", z, w_o.to(z.device))
+        # TransformerLens's decomposition (heads from hook_z and W_O, MLPs, embedding); its one "bias" row
+        # is replaced by a row per biased o_proj (Apertus has none), in the order the stream is written.
+        stack, tl_labels = cache.get_full_resid_decomposition(expand_neurons=False, return_labels=True)
+        tl = dict(zip(tl_labels, stack))
+        parts, labels, kinds, layers, heads = [tl["embed"]], ["embed"], ["embed"], [-1], [-1]
+        for la in range(cfg.n_layers):
             for h in range(cfg.n_heads):
-                parts.append(per_head[h])
+                parts.append(tl[f"L{la}H{h}"])
                 labels.append(f"L{la}H{h}")
                 kinds.append("head")
                 layers.append(la)
                 heads.append(h)
+            o_proj = model.hf_model.model.layers[la].self_attn.o_proj
             if o_proj.bias is not None:
-                parts.append(o_proj.bias.expand_as(per_head[0]))
+                parts.append(o_proj.bias.to(stack.device).expand_as(stack[0]))
                 labels.append(f"L{la} attn bias")
                 kinds.append("bias")
                 layers.append(la)
                 heads.append(-1)
-            parts.append(kept.pop(act_name("mlp_out", la)))
+            parts.append(tl[f"{la}_mlp_out"])
             labels.append(f"L{la} MLP")
             kinds.append("mlp")
             layers.append(la)
             heads.append(-1)
-        device = parts[0].device
-        components = torch.stack([p.to(device) for p in parts])
+        components = torch.stack(parts)
     return Decomposition(
         labels,
         kinds,
         layers,
         heads,
         components,
-        kept[final],
-        kept[act_name("scale")],
+        cache[final],
+        cache[act_name("scale")],
         logits,
         mask,
         positions,
+        cache,
     )
 
 
@@ -459,17 +471,12 @@ def direct_logit_attribution(
     wrongs = None if wrong is None else _token_ids(model, wrong, batch, "wrong")
     dec = residual_decomposition(model, tokens, mask, positions=positions)
 
+    # TransformerLens's logit_attrs: the parts over the run's final-norm scale, read along
+    # model.tokens_to_residual_directions (W_U columns times the final norm's weight).
+    per_prompt = dec.cache.logit_attrs(
+        dec.components, tokens=answers, incorrect_tokens=wrongs, has_batch_dim=True
+    )[..., 0]  # [n, batch]
     rows = torch.arange(batch)
-    device = dec.components.device
-    w_u = model.W_U
-    direction = w_u[:, answers.to(w_u.device)].T  # [batch, d_model]
-    if wrongs is not None:
-        direction = direction - w_u[:, wrongs.to(w_u.device)].T
-    direction = direction.to(device) * model.hf_model.model.norm.weight.to(device)
-    scale = dec.scale[:, 0].to(device)  # [batch, 1]
-    parts = dec.components[:, :, 0]  # [n, batch, d_model]
-    per_prompt = ((parts / scale) * direction).sum(-1)  # [n, batch]
-
     out = dec.logits[:, 0].cpu()
     total = out[rows, answers] - (out[rows, wrongs] if wrongs is not None else 0)
     table = pd.DataFrame(
