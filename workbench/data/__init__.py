@@ -1,5 +1,14 @@
 """Datasets with known ground truth: the seeded synthetic corpus (:mod:`workbench.data.corpus`) and more."""
 
+from workbench.data.alignment import (
+    AlignmentError,
+    AlignmentReport,
+    AlignmentWarning,
+    EncodedDataset,
+    LabelledSentence,
+    TokenLabelledDataset,
+    pad_token_id,
+)
 from workbench.data.corpus import (
     EVAL_SEED,
     IOIBatch,
@@ -14,6 +23,13 @@ from workbench.data.corpus import (
 )
 
 __all__ = [
+    "AlignmentError",
+    "AlignmentReport",
+    "AlignmentWarning",
+    "EncodedDataset",
+    "LabelledSentence",
+    "TokenLabelledDataset",
+    "pad_token_id",
     "EVAL_SEED",
     "IOIBatch",
     "IOIPrompt",
