@@ -262,5 +262,13 @@ def test_an_all_empty_column_is_an_error():
 def test_shipped_sample_reads_and_aligns():
     data = read_conllu(SAMPLE, "upos")
     assert len(data) >= 3
-    encoded = data.encode(build_tokenizer())
+    tok = build_tokenizer()
+    with pytest.warns(AlignmentWarning, match="became the unknown token"):
+        encoded = data.encode(tok)
     assert encoded.n_labelled == sum(len(s) for s in data.sentences)
+    # The shipped vocabulary lacks three of the sample's words (one AUX, one PART, one VERB).
+    assert encoded.report.unknown[encoded.report.unknown > 0].to_dict() == {"AUX": 1, "PART": 1, "VERB": 1}
+    # Word by word, a glued full stop gains no space marker: the same tokens as the whole sentence.
+    with pytest.warns(AlignmentWarning):
+        by_word = data.encode(tok, tokenize="words")
+    assert by_word.input_ids == encoded.input_ids
