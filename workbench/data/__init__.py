@@ -7,7 +7,6 @@ from workbench.data.alignment import (
     EncodedDataset,
     LabelledSentence,
     TokenLabelledDataset,
-    pad_token_id,
 )
 from workbench.data.corpus import (
     EVAL_SEED,
@@ -29,7 +28,6 @@ __all__ = [
     "EncodedDataset",
     "LabelledSentence",
     "TokenLabelledDataset",
-    "pad_token_id",
     "EVAL_SEED",
     "IOIBatch",
     "IOIPrompt",

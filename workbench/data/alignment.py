@@ -28,6 +28,7 @@ from typing import Any, Literal
 import pandas as pd
 import torch
 
+from workbench.inputs import pad_token_id
 from workbench.token_text import display_tokens, token_bytes
 
 __all__ = [
@@ -38,7 +39,6 @@ __all__ = [
     "EncodedDataset",
     "LabelledSentence",
     "TokenLabelledDataset",
-    "pad_token_id",
 ]
 
 #: The label of tokens that carry none (transformers' and PyTorch's cross-entropy ``ignore_index``).
@@ -256,14 +256,6 @@ class TokenLabelledDataset:
 class AlignmentWarning(UserWarning):
     """Many words lost their label (no token of their own, or the unknown token), or sentences were
     skipped."""
-
-
-def pad_token_id(tokenizer: Any) -> int:
-    """The id padding uses: the tokenizer's pad token, else its EOS, else 0 (the engine's rule)."""
-    for candidate in (tokenizer.pad_token_id, tokenizer.eos_token_id):
-        if candidate is not None:
-            return int(candidate)
-    return 0
 
 
 def _is_punct(word: str) -> bool:
