@@ -95,8 +95,11 @@ def test_fixture_aligns_to_expected_token_labels():
     tok = build_tokenizer()  # word-level: "n't" becomes "n", "'", "t" (punctuation is split off)
     data = read_conllu(FIXTURE, "upos")
     names = data.label_names
-    first = data.encode(tok, subtokens="first")
-    every = data.encode(tok, subtokens="every")
+    # The shipped vocabulary does not know 9 of the 16 words: really do n't like cats dogs / did n't bark.
+    with pytest.warns(AlignmentWarning, match="9 of 16 labelled words"):
+        first = data.encode(tok, subtokens="first")
+    with pytest.warns(AlignmentWarning, match="9 of 16 labelled words"):
+        every = data.encode(tok, subtokens="every")
     # Position 0 is <s>; "n't" is word 3 and takes positions 4, 5, 6.
     expected_words = [-1, 0, 1, 2, 3, 3, 3, 4, 5, 6, 7, 8, 9]
     assert first.word_ids[0] == expected_words
@@ -141,8 +144,11 @@ def test_split_words_label_first_or_every_subtoken():
     tok = char_tokenizer()
     sentence = LabelledSentence(("Bob", "ran", "."), ("PROPN", "VERB", "PUNCT"), (True, False, False))
     data = TokenLabelledDataset.from_sentences([sentence])
-    first = data.encode(tok, subtokens="first")
-    every = data.encode(tok, subtokens="every")
+    # The shipped vocabulary does not know 9 of the 16 words: really do n't like cats dogs / did n't bark.
+    with pytest.warns(AlignmentWarning, match="9 of 16 labelled words"):
+        first = data.encode(tok, subtokens="first")
+    with pytest.warns(AlignmentWarning, match="9 of 16 labelled words"):
+        every = data.encode(tok, subtokens="every")
     ids = {name: i for i, name in enumerate(data.label_names)}
     assert len(first.input_ids[0]) == 1 + 3 + 3 + 1
     assert first.labels[0] == [
