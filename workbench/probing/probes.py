@@ -28,7 +28,7 @@ import pandas as pd
 import plotly.graph_objects as go
 import torch
 import torch.nn.functional as F
-from sklearn.metrics import f1_score
+from sklearn.metrics import confusion_matrix, f1_score
 from tqdm.auto import tqdm
 
 from workbench.data.alignment import IGNORE
@@ -68,9 +68,7 @@ def confusion_frame(gold: np.ndarray, predicted: np.ndarray, label_names: Sequen
     """Counts, gold labels as rows and predictions as columns, over the labels that occur in either."""
     gold, predicted = np.asarray(gold), np.asarray(predicted)
     present = sorted(set(gold.tolist()) | set(predicted.tolist()))
-    index = {label: i for i, label in enumerate(present)}
-    counts = np.zeros((len(present), len(present)), dtype=np.int64)
-    np.add.at(counts, ([index[g] for g in gold.tolist()], [index[p] for p in predicted.tolist()]), 1)
+    counts = confusion_matrix(gold, predicted, labels=present)
     names = [label_names[i] for i in present]
     return pd.DataFrame(counts, index=pd.Index(names, name="gold"), columns=pd.Index(names, name="predicted"))
 
