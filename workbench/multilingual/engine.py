@@ -37,8 +37,11 @@ def resid_labels(n_layers: int) -> list[str]:
 def ln_final(model, resid: torch.Tensor) -> torch.Tensor:
     """The final RMSNorm (with its weight) applied to ``resid`` with its own scale."""
     norm = getattr(model, "ln_final", None)
-    if norm is not None and len(inspect.signature(norm.forward).parameters) == 1:
-        return norm(resid)
+    if callable(norm):
+        # Today's hook module takes (x, norm); the lead's public ln_final takes x alone.
+        signature = inspect.signature(norm.forward if isinstance(norm, torch.nn.Module) else norm)
+        if len(signature.parameters) == 1:
+            return norm(resid)
     return lens.final_norm(model, resid)
 
 

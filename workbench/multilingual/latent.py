@@ -179,7 +179,8 @@ def latent_language_lens(
         with torch.no_grad():
             _, cache = model.run_with_cache(tokens, attention_mask=mask, names_filter=names, return_type=None)
             for stream, name in enumerate(names):
-                resid = cache[name][torch.arange(len(chunk)), last.to(cache[name].device)]
+                device = cache[name].device
+                resid = cache[name][torch.arange(len(chunk), device=device), last.to(device)]
                 logits = unembed(model, ln_final(model, resid)).float()
                 logprobs = logits.log_softmax(-1)
                 for role in ROLES:
