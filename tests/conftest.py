@@ -1,4 +1,4 @@
-"""Shared fixtures: small random Apertus checkpoints written to temporary folders."""
+"""Shared fixtures: random Apertus checkpoints written to temporary folders, and the 131k BPE tokenizer."""
 
 from __future__ import annotations
 
@@ -24,6 +24,48 @@ def random_checkpoint(tmp_path_factory):
     return make_random_checkpoint(
         tmp_path_factory.mktemp("random-apertus"), layers=3, d_model=64, heads=4, kv_heads=2
     )
+
+
+@pytest.fixture(scope="session")
+def tekken():
+    """The 131k byte-level BPE tokenizer (built once per machine, then reloaded from the cache: ~4 s)."""
+    from workbench.checkpoint.synthetic import tekken_tokenizer
+
+    return tekken_tokenizer()
+
+
+@pytest.fixture(scope="session")
+def bpe_checkpoint(tmp_path_factory):
+    """A cheap random Apertus (2 layers, d_model 64) with the 131k tekken tokenizer: real-text tokenization
+    without real-model cost. Use it for anything that needs a byte-level BPE."""
+    from workbench.checkpoint.synthetic import make_random_checkpoint
+
+    return make_random_checkpoint(
+        tmp_path_factory.mktemp("bpe-apertus"), tokenizer="tekken", layers=2, d_model=64, heads=4, kv_heads=2
+    )
+
+
+@pytest.fixture(scope="session")
+def realdim_checkpoint(tmp_path_factory):
+    """A random Apertus at Apertus-8B's widths (d_model 4096, 32 heads over 8 KV heads, head_dim 128,
+    d_mlp 21504, vocab 131072) with 2 layers, bf16, and the tekken tokenizer: 2.9 GB on disk, ~30 s to build,
+    3.7 GB peak memory while building. Only for the few tests that must see the real shapes (mark them
+    slow)."""
+    import gc
+
+    import torch
+
+    from workbench.checkpoint.synthetic import APERTUS_8B_SHAPE, make_random_checkpoint
+
+    folder = make_random_checkpoint(
+        tmp_path_factory.mktemp("realdim-apertus"),
+        tokenizer="tekken",
+        layers=2,
+        dtype=torch.bfloat16,
+        **APERTUS_8B_SHAPE,
+    )
+    gc.collect()
+    return folder
 
 
 @pytest.fixture(scope="session")

@@ -10,7 +10,12 @@ from tokenizers import Tokenizer, models, pre_tokenizers, processors
 from transformers import PreTrainedTokenizerFast
 
 from workbench.checkpoint.tokenizer import build_tokenizer
-from workbench.data.alignment import IGNORE, AlignmentError, LabelledSentence, TokenLabelledDataset
+from workbench.data.alignment import (
+    IGNORE,
+    AlignmentWarning,
+    LabelledSentence,
+    TokenLabelledDataset,
+)
 from workbench.data.conllu import ConlluError, parse_conllu, read_conllu
 
 FIXTURE = Path(__file__).parent / "fixtures" / "multiword.conllu"
@@ -165,7 +170,7 @@ def test_special_tokens_and_padding_are_never_labelled():
     assert batch["labels"][0, 1] != IGNORE and (batch["labels"][1, 1:] != IGNORE).all()
 
 
-def test_a_token_across_two_words_is_an_error_not_a_shift():
+def test_a_token_across_two_words_belongs_to_the_first_and_drops_the_second():
     vocab = {"<unk>": 0, "<s>": 1, "don't": 2, "stop": 3}
     tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
@@ -173,8 +178,18 @@ def test_a_token_across_two_words_is_an_error_not_a_shift():
     glued = LabelledSentence(
         ("do", "n't", "stop"), ("AUX", "PART", "VERB"), (False, True, False), source="glued"
     )
-    with pytest.raises(AlignmentError, match="boundary of words 0 'do' and 1 \"n't\""):
-        TokenLabelledDataset.from_sentences([glued]).encode(fast)
+    data = TokenLabelledDataset.from_sentences([glued])
+    with pytest.warns(AlignmentWarning, match=r"1 of 3 labelled words .* not labelled \(PART 1\)"):
+        encoded = data.encode(fast)
+    names = [data.label_names[i] if i != IGNORE else None for i in encoded.labels[0]]
+    assert names == [None, "AUX", "VERB"]  # "don't" is labelled as "do", where it starts; "n't" is not
+    assert encoded.word_ids[0] == [-1, 0, 2]
+    assert encoded.report.dropped["PART"] == 1 and encoded.report.n_dropped == 1
+    # At word boundaries every word keeps its label ("do" and "n't" are unknown to this tokenizer).
+    with pytest.warns(AlignmentWarning, match="2 of 3 labelled words .* unknown token"):
+        split = data.encode(fast, tokenize="words")
+    assert [data.label_names[i] for i in split.labels[0][1:]] == ["AUX", "PART", "VERB"]
+    assert split.report.n_dropped == 0 and split.report.n_unknown == 2
 
 
 def test_unknown_label_and_bad_options():
@@ -211,6 +226,32 @@ def test_malformed_files_name_the_line_and_reason(text, line, reason):
         parse_conllu(text, source="bad.conllu")
     assert error.value.line == line
     assert str(error.value).startswith(f"bad.conllu, line {line}: ")
+
+
+def test_a_byte_order_mark_is_accepted(tmp_path):
+    path = tmp_path / "bom.conllu"
+    path.write_bytes(b"\xef\xbb\xbf" + GOOD.encode())
+    assert read_conllu(path, "upos").sentences[0].words == ("Hi",)
+    assert parse_conllu("\ufeff" + GOOD).sentences[0].labels == ("INTJ",)
+
+
+def test_a_file_that_is_not_utf8_names_the_line(tmp_path):
+    path = tmp_path / "latin1.conllu"
+    path.write_bytes((GOOD + "\n1\tcafé\tcafé\tNOUN\t_\t_\t0\troot\t_\t_\n").encode("latin-1"))
+    with pytest.raises(
+        ConlluError, match=r"latin1.conllu, line 3: the file is not UTF-8 \(byte 0xE9 at column 6\)"
+    ):
+        read_conllu(path)
+
+
+def test_a_column_function_that_raises_names_the_line():
+    def broken(token):
+        return token["feats"]["Number"]  # feats is None on this line
+
+    with pytest.raises(
+        ConlluError, match=r"bad.conllu, line 2: the column function 'broken' raised TypeError"
+    ):
+        parse_conllu("# c\n" + GOOD, broken, source="bad.conllu")
 
 
 def test_an_all_empty_column_is_an_error():

@@ -14,7 +14,7 @@ from transformers.activations import XIELUActivation
 import workbench
 from workbench import HookedApertus, NotApertusError
 from workbench.checkpoint.synthetic import make_random_checkpoint, random_apertus
-from workbench.hooked_model import masked_scores, run_xielu
+from workbench.hooked_parts import masked_scores, run_xielu
 
 TOL = 1e-5
 

@@ -24,7 +24,7 @@ def test_last_layer_of_the_lens_is_the_models_logits(random_model):
     assert lens.shape[0] == random_model.cfg.n_layers + 1
     with torch.no_grad():
         logits = random_model(BATCH)
-        tokens, mask = random_model._tokenize(BATCH)
+        tokens, mask = random_model.tokenize(BATCH)
         reference = random_model.hf_model(tokens, attention_mask=mask).logits
     torch.testing.assert_close(lens[-1], logits, rtol=0, atol=0)
     real = mask.bool()
@@ -100,7 +100,7 @@ def test_attributions_sum_to_the_logit_difference(random_model, left):
     try:
         answers, wrongs = [" w3", " w7", " w12"], [" w4", " w1", " w30"]
         table = L.direct_logit_attribution(random_model, BATCH, answers, wrongs)
-        tokens, mask = random_model._tokenize(BATCH)
+        tokens, mask = random_model.tokenize(BATCH)
     finally:
         random_model.tokenizer.padding_side = "right"
     with torch.no_grad():

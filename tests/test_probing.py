@@ -4,6 +4,7 @@ evaluation."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -25,6 +26,7 @@ from workbench.probing import (
     evaluate,
     export_probe,
     harvest,
+    load_probe_tagger,
     residual_hooks,
     train_probes,
 )
@@ -113,7 +115,8 @@ def test_harvest_resumes_after_an_interruption(corpus_model, pos_data, tmp_path)
     first_shard = (folder / kept[0]["file"]).stat().st_mtime_ns
 
     calls = []
-    with corpus_model.hooks(fwd_hooks=[("hook_embed", lambda act, hook: calls.append(act.shape[0]))]):
+    counting = corpus_model.hooks(fwd_hooks=[("hook_embed", lambda act, hook: calls.append(act.shape[0]))])
+    with counting, pytest.warns(UserWarning, match="hooks attached"):  # an observer, but it is recorded
         resumed = harvest(corpus_model, encoded, folder, shard_sentences=10, batch_size=4, **FAST)
     assert sum(calls) == 20  # only the 20 sentences of the two missing shards ran
     assert (folder / kept[0]["file"]).stat().st_mtime_ns == first_shard
@@ -219,10 +222,12 @@ def test_scores_and_confusion_helpers():
 
 
 # -------------------------------------------------------------------------------------------------- export
-@pytest.mark.parametrize("layer", [0, 2])
-def test_export_reproduces_the_probe_token_for_token(corpus_model, pos_harvest, pos_probes, tmp_path, layer):
+@pytest.mark.parametrize(("layer", "standalone"), [(0, False), (2, False), (2, True)])
+def test_export_reproduces_the_probe_token_for_token(
+    corpus_model, pos_harvest, pos_probes, tmp_path, layer, standalone
+):
     encoded, h = pos_harvest
-    folder = export_probe(pos_probes, layer, tmp_path / "ckpt", corpus_model)
+    folder = export_probe(pos_probes, layer, tmp_path / "ckpt", corpus_model, standalone=standalone)
     config = json.loads((folder / "config.json").read_text())
     assert config["num_hidden_layers"] == layer and config["architectures"] == [
         "ApertusForTokenClassification"
@@ -230,15 +235,22 @@ def test_export_reproduces_the_probe_token_for_token(corpus_model, pos_harvest, 
     assert config["id2label"]["0"] == pos_probes.label_names[0] and config["label2id"][
         "PUNCT"
     ] == UPOS_TAGS.index("PUNCT")
-    assert sorted(k for k in load_file(folder / "model.safetensors") if k.startswith("score")) == [
+    weights = "model.safetensors" if standalone else "probe.safetensors"
+    assert sorted(k for k in load_file(folder / weights) if k.startswith("score")) == [
         "score.bias",
         "score.weight",
     ]
+    if not standalone:  # the head and the unit norm only: no copy of the model
+        assert sorted(load_file(folder / weights)) == ["model.norm.weight", "score.bias", "score.weight"]
+        assert config["probe_base_checkpoint"] == str(Path(corpus_model.cfg.model_name).resolve())
+        assert not (folder / "model.safetensors").exists()
 
     data = h.load()
     hook = pos_probes.hooks[pos_probes.index(layer)]
     probe_logits = pos_probes.logits(data[hook], layer)
-    classifier = ApertusForTokenClassification.from_pretrained(folder).eval()
+    classifier = (
+        ApertusForTokenClassification.from_pretrained(folder) if standalone else load_probe_tagger(folder)
+    ).eval()
     logits = []
     with torch.no_grad():
         for start in range(0, len(encoded), 32):

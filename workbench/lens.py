@@ -27,6 +27,7 @@ import plotly.graph_objects as go
 import torch
 
 from workbench.hooked_model import HookedApertus, Input
+from workbench.vocabulary import check_known
 
 TokenLike = int | str
 
@@ -34,16 +35,12 @@ TokenLike = int | str
 # ----------------------------------------------------------------------------------------- logit lens
 def final_norm(model: HookedApertus, resid: torch.Tensor) -> torch.Tensor:
     """The final RMSNorm applied to any residual stream with its own scale, exactly as the model does."""
-    norm = model.hf_model.model.norm
-    x32 = resid.to(torch.float32)
-    scale = torch.sqrt(x32.pow(2).mean(-1, keepdim=True) + norm.variance_epsilon)
-    return norm.weight * (x32 / scale).to(resid.dtype)
+    return model.ln_final(resid)
 
 
 def unembed(model: HookedApertus, normed: torch.Tensor) -> torch.Tensor:
     """Logits from a normalised residual stream (the model's own output head)."""
-    head = model.hf_model.lm_head if hasattr(model.hf_model, "lm_head") else model.hf_model.score
-    return head(normed.to(head.weight.device))
+    return model.unembed(normed)
 
 
 def layer_labels(model: HookedApertus) -> list[str]:
@@ -96,7 +93,7 @@ def logit_lens_table(model: HookedApertus, prompt: str | torch.Tensor, k: int = 
                         "position": pos,
                         "input_token": here[pos],
                         "rank": rank,
-                        "token": model._token_text(token),
+                        "token": model.token_text(token),
                         "token_id": token,
                         "prob": float(top_p[li, pos, rank]),
                         "logit": float(logits[li, pos, token]),
@@ -279,7 +276,7 @@ def residual_decomposition(
         components = torch.stack([p.to(device) for p in parts])
     mask = None
     if not isinstance(input, torch.Tensor):
-        _, mask = model._tokenize(input)
+        _, mask = model.tokenize(input)
     elif attention_mask is not None:
         mask = attention_mask
     return Decomposition(
@@ -410,7 +407,9 @@ def _check_position(position: int, length: int) -> int:
 
 def _token_id(model: HookedApertus, token: TokenLike) -> int:
     if isinstance(token, str):
-        return model.to_single_token(token)
+        token_id = model.to_single_token(token)
+        check_known(model, token, token_id)
+        return token_id
     if isinstance(token, int) and not isinstance(token, bool) and 0 <= token < model.cfg.d_vocab:
         return token
     raise ValueError(

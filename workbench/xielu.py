@@ -148,7 +148,7 @@ def neuron_output_tokens(model: HookedApertus, layer: int, neuron: int, k: int =
                 {
                     "kind": kind,
                     "rank": rank,
-                    "token": model._token_text(token),
+                    "token": model.token_text(token),
                     "token_id": token,
                     "logit": logit,
                 }
@@ -371,7 +371,7 @@ def _batches(prompts, batch_size: int):
 def _tokens_and_mask(model: HookedApertus, batch) -> tuple[torch.Tensor, torch.Tensor | None]:
     if isinstance(batch, torch.Tensor):
         return batch, None
-    tokens, mask = model._tokenize(batch)
+    tokens, mask = model.tokenize(batch)
     return tokens, mask
 
 
@@ -439,7 +439,7 @@ class _Accumulator:
             self.bottom[layer].add(pre, windows, where)
 
     def result(self, model) -> XIELUStatistics:
-        vocab = [model._token_text(i) for i in range(model.cfg.d_vocab)]
+        vocab = [model.token_text(i) for i in range(model.cfg.d_vocab)]
         return XIELUStatistics(
             params=self.params,
             layers=list(self.layers),

@@ -9,14 +9,17 @@ both become one.
 came from through the tokenizer's character offsets, so it works for any fast tokenizer, whether it splits
 words or not. A word's label goes on its first sub-token (``subtokens="first"``, as transformers' token
 classification does) or on every sub-token (``"every"``); everything else is ``-100`` (:data:`IGNORE`), which
-includes special tokens such as ``<s>`` and padding. A word that gets no token of its own, or a token that
-straddles two words, raises :class:`AlignmentError` instead of shifting labels silently.
+includes special tokens such as ``<s>`` and padding. Real text never fails: a token that runs across a word
+boundary (``).`` or French ``'hôpital`` after ``l'``) belongs to the word in which it starts, a word left
+without a first token of its own is not labelled, and :class:`AlignmentReport` counts such words, and those
+that became the unknown token, by label (``tokenize="words"`` keeps every label instead).
 """
 
 from __future__ import annotations
 
 import bisect
 import hashlib
+import warnings
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -25,22 +28,29 @@ from typing import Any, Literal
 import pandas as pd
 import torch
 
+from workbench.token_text import display_tokens
+
 __all__ = [
     "IGNORE",
     "AlignmentError",
+    "AlignmentReport",
+    "AlignmentWarning",
     "EncodedDataset",
     "LabelledSentence",
     "TokenLabelledDataset",
+    "pad_token_id",
 ]
 
 #: The label of tokens that carry none (transformers' and PyTorch's cross-entropy ``ignore_index``).
 IGNORE = -100
 
 Subtokens = Literal["first", "every"]
+Tokenize = Literal["sentence", "words"]
 
 
 class AlignmentError(ValueError):
-    """Words and tokens cannot be matched one-to-many: a word has no token, or a token spans two words."""
+    """No sentence of a dataset could be encoded (each one that cannot is skipped and named, see
+    :class:`AlignmentReport`)."""
 
 
 @dataclass(frozen=True)
@@ -167,106 +177,278 @@ class TokenLabelledDataset:
         )
 
     def encode(
-        self, tokenizer: Any, *, subtokens: Subtokens = "first", prepend_bos: bool = True
+        self,
+        tokenizer: Any,
+        *,
+        subtokens: Subtokens = "first",
+        prepend_bos: bool = True,
+        tokenize: Tokenize = "sentence",
+        warn_above: float = 0.01,
+        max_length: int | None = None,
     ) -> EncodedDataset:
         """Tokenize every sentence and put each word's label on its first (or every) sub-token.
 
         ``tokenizer`` must be a fast (Rust) tokenizer, as its character offsets tie tokens to words;
         ``prepend_bos`` adds the BOS token when the tokenizer's template does not (as ``HookedApertus`` does).
+
+        ``tokenize="sentence"`` tokenizes each sentence's text as a whole, as the model reads text. A token
+        belongs to the word in which it starts, and a word whose first character is covered by a token that
+        started in the previous word (``).``, ``."``, ``'hôpital`` after ``l'``) has no first token of its
+        own: it is not labelled, and counted in :attr:`EncodedDataset.report`. ``tokenize="words"``
+        tokenizes each word on its own with its preceding space: the same characters, split where the words
+        split, so every word keeps its label (but the model may see tokens it rarely saw in training).
+
+        The report also counts the labelled words that contain the unknown token; an
+        :class:`AlignmentWarning` is issued when either share of labelled words is above ``warn_above``. A
+        sentence that cannot be encoded (the tokenizer fails, or it is longer than ``max_length``, by
+        default the tokenizer's ``model_max_length``) is skipped with a warning naming its source; the
+        encoded dataset's ``dataset`` holds the sentences kept, in order.
         """
         if subtokens not in ("first", "every"):
             raise ValueError(f"subtokens must be 'first' or 'every', not {subtokens!r}.")
+        if tokenize not in ("sentence", "words"):
+            raise ValueError(f"tokenize must be 'sentence' or 'words', not {tokenize!r}.")
+        if (
+            isinstance(warn_above, bool)
+            or not isinstance(warn_above, (int, float))
+            or not 0 <= warn_above <= 1
+        ):
+            raise ValueError(f"warn_above is a share of words between 0 and 1, not {warn_above!r}.")
         if not getattr(tokenizer, "is_fast", False):
             raise TypeError(
                 f"{type(tokenizer).__name__} is not a fast tokenizer: "
                 "aligning words to tokens needs character "
                 "offsets. Load it with AutoTokenizer.from_pretrained(..., use_fast=True)."
             )
-        index = {name: i for i, name in enumerate(self.label_names)}
-        type_ids: dict[str, int] = {}
-        encoded = EncodedDataset(self.label_names, [], subtokens, self)
-        for s_index, sentence in enumerate(self.sentences):
-            ids, words = _tokens_to_words(tokenizer, sentence, prepend_bos)
-            labels, types, seen = [], [], set()
-            for w in words:
-                label = None if w < 0 else sentence.labels[w]
-                first = w >= 0 and w not in seen
-                seen.add(w)
-                if label is None or not (first or subtokens == "every"):
-                    labels.append(IGNORE)
-                    types.append(-1)
-                else:
-                    labels.append(index[label])
-                    types.append(type_ids.setdefault(sentence.words[w], len(type_ids)))
-            missing = set(range(len(sentence))) - seen
-            if missing:
-                w = min(missing)
-                raise AlignmentError(
-                    f"Sentence {s_index} ({sentence.source or sentence.text!r}): "
-                    f"word {w} {sentence.words[w]!r} "
-                    "gets no token of its own (the tokenizer merged "
-                    "or dropped it), so its label has nowhere to go."
-                )
+        limit = _length_limit(tokenizer, max_length)
+        encoder = _SentenceEncoder(tokenizer, self.label_names, subtokens, prepend_bos, tokenize)
+        kept, skipped = [], []
+        for sentence in self.sentences:
+            try:
+                row = encoder.encode(sentence, limit)
+            except Exception as error:  # one bad sentence must not lose the file: it is named instead
+                skipped.append((_where(sentence), f"{type(error).__name__}: {error}"))
+                continue
+            kept.append((sentence, row))
+        if not kept:
+            raise AlignmentError(
+                f"No sentence of {self.name or 'the dataset'} could be encoded; the first: "
+                f"{skipped[0][0]}: {skipped[0][1]}"
+            )
+        encoded = EncodedDataset(
+            self.label_names,
+            [],
+            subtokens,
+            TokenLabelledDataset([s for s, _ in kept], self.label_names, self.name),
+            pad_id=pad_token_id(tokenizer),
+        )
+        for _, (ids, labels, words, types) in kept:
             encoded.input_ids.append(ids)
             encoded.labels.append(labels)
             encoded.word_ids.append(words)
             encoded.types.append(types)
-        encoded.type_names = tuple(type_ids)
-        encoded.pad_id = _pad_id(tokenizer)
+        encoded.type_names = tuple(encoder.type_ids)
+        encoded.report = encoder.report(tokenize, skipped)
+        encoded.report.warn(warn_above)
         return encoded
+
+
+class AlignmentWarning(UserWarning):
+    """Many words lost their label (no token of their own, or the unknown token), or sentences were
+    skipped."""
+
+
+def pad_token_id(tokenizer: Any) -> int:
+    """The id padding uses: the tokenizer's pad token, else its EOS, else 0 (the engine's rule)."""
+    for candidate in (tokenizer.pad_token_id, tokenizer.eos_token_id):
+        if candidate is not None:
+            return int(candidate)
+    return 0
 
 
 def _is_punct(word: str) -> bool:
     return not any(ch.isalnum() for ch in word)
 
 
-def _pad_id(tokenizer: Any) -> int:
-    pad = tokenizer.pad_token_id
-    return pad if pad is not None else (tokenizer.eos_token_id or 0)
+def _where(sentence: LabelledSentence) -> str:
+    return sentence.source or repr(sentence.text[:60])
 
 
-def _tokens_to_words(
-    tokenizer: Any, sentence: LabelledSentence, prepend_bos: bool
-) -> tuple[list[int], list[int]]:
-    """Token ids and, per token, the index of the word it belongs to (-1 for special and whitespace
-    tokens)."""
-    text, spans = sentence.text_and_spans()
-    enc = tokenizer(text, return_offsets_mapping=True, return_special_tokens_mask=True)
-    ids, offsets, special = (
-        list(enc["input_ids"]),
-        list(enc["offset_mapping"]),
-        list(enc["special_tokens_mask"]),
-    )
-    bos = tokenizer.bos_token_id
-    if prepend_bos and bos is not None and ids[:1] != [bos]:
-        ids, offsets, special = [bos, *ids], [(0, 0), *offsets], [1, *special]
+def _length_limit(tokenizer: Any, max_length: int | None) -> int | None:
+    if max_length is not None:
+        if isinstance(max_length, bool) or not isinstance(max_length, int) or max_length < 1:
+            raise ValueError(f"max_length must be a positive integer or None, not {max_length!r}.")
+        return max_length
+    limit = getattr(tokenizer, "model_max_length", None)
+    # transformers writes a huge sentinel (1e30) when a tokenizer has no limit.
+    return int(limit) if isinstance(limit, int) and limit < 10**9 else None
+
+
+class _SentenceEncoder:
+    """Encodes one sentence at a time and counts, per label, the words seen, dropped and unknown."""
+
+    def __init__(self, tokenizer, label_names, subtokens: str, prepend_bos: bool, tokenize: str) -> None:
+        self.tokenizer, self.subtokens, self.prepend_bos = tokenizer, subtokens, prepend_bos
+        self.split = _tokens_of_words if tokenize == "words" else _tokens_of_text
+        self.index = {name: i for i, name in enumerate(label_names)}
+        self.label_names = tuple(label_names)
+        self.type_ids: dict[str, int] = {}
+        self.words: Counter = Counter()
+        self.dropped: Counter = Counter()
+        self.unknown: Counter = Counter()
+
+    def encode(
+        self, sentence: LabelledSentence, limit: int | None
+    ) -> tuple[list[int], list[int], list[int], list[int]]:
+        """Token ids, label ids, word of each token (-1: none) and word type of each labelled token."""
+        ids, words, firsts = self.split(self.tokenizer, sentence)
+        bos = self.tokenizer.bos_token_id
+        if self.prepend_bos and bos is not None and ids[:1] != [bos]:
+            ids, words, firsts = [bos, *ids], [-1, *words], [False, *firsts]
+        if limit is not None and len(ids) > limit:
+            raise AlignmentError(f"{len(ids)} tokens, more than max_length={limit}")
+        labelled = {w for w, first in zip(words, firsts) if first}
+        unk = self.tokenizer.unk_token_id
+        unknown = {w for token, w in zip(ids, words) if w >= 0 and unk is not None and token == unk}
+        labels, types = [], []
+        for w, first in zip(words, firsts):
+            label = None if w < 0 or w not in labelled else sentence.labels[w]
+            if label is None or not (first or self.subtokens == "every"):
+                labels.append(IGNORE)
+                types.append(-1)
+            else:
+                labels.append(self.index[label])
+                types.append(self.type_ids.setdefault(sentence.words[w], len(self.type_ids)))
+        for w, label in enumerate(sentence.labels):
+            if label is not None:
+                self.words[label] += 1
+                self.dropped[label] += w not in labelled
+                self.unknown[label] += w in unknown
+        return ids, labels, words, types
+
+    def report(self, tokenize: str, skipped: list[tuple[str, str]]) -> AlignmentReport:
+        def series(counts: Counter) -> pd.Series:
+            return pd.Series([counts[n] for n in self.label_names], self.label_names, dtype="int64")
+
+        return AlignmentReport(
+            tokenize, series(self.words), series(self.dropped), series(self.unknown), skipped
+        )
+
+
+def _offsets_to_words(
+    text: str, spans: list[tuple[int, int]], offsets: list[tuple[int, int]], special: list[int]
+) -> tuple[list[int], list[bool]]:
+    """Per token, the word it starts in (-1: special or whitespace) and whether it starts at that word's
+    first character (the word's own first token)."""
     starts = [start for start, _ in spans]
-    words = []
-    for token, (start, end), is_special in zip(ids, offsets, special):
+    words, firsts = [], []
+    for (start, end), is_special in zip(offsets, special):
         # Metaspace and byte-level tokenizers fold the preceding space into the token: look past it.
         while start < end and text[start].isspace():
             start += 1
-        while end > start and text[end - 1].isspace():
-            end -= 1
-        if is_special or start >= end:
-            words.append(-1)
-            continue
         w = bisect.bisect_right(starts, start) - 1
-        if w < 0 or start >= spans[w][1]:
+        if is_special or start >= end or w < 0 or start >= spans[w][1]:
             words.append(-1)
+            firsts.append(False)
             continue
-        if end > spans[w][1]:
-            piece = tokenizer.convert_ids_to_tokens(token)
-            raise AlignmentError(
-                f"Sentence {sentence.source or text!r}: token "
-                f"{piece!r} covers {text[start:end]!r}, across the "
-                f"boundary of words {w} {sentence.words[w]!r} and "
-                f"{w + 1} {sentence.words[w + 1]!r}; labels per word "
-                "cannot be placed on it. Put a space between these "
-                "words (space_after) or use another tokenizer."
-            )
+        # A word's first token starts at its first character; a byte-level tokenizer may split that
+        # character's bytes over several tokens, which then share the start: only the first counts.
+        firsts.append(start == spans[w][0] and not (words and words[-1] == w))
         words.append(w)
-    return ids, words
+    return words, firsts
+
+
+def _tokens_of_text(tokenizer: Any, sentence: LabelledSentence) -> tuple[list[int], list[int], list[bool]]:
+    """The sentence tokenized as one text; tokens tied to words through the character offsets."""
+    text, spans = sentence.text_and_spans()
+    enc = tokenizer(text, return_offsets_mapping=True, return_special_tokens_mask=True)
+    offsets, special = list(enc["offset_mapping"]), list(enc["special_tokens_mask"])
+    words, firsts = _offsets_to_words(text, spans, offsets, special)
+    return list(enc["input_ids"]), words, firsts
+
+
+def _tokens_of_words(tokenizer: Any, sentence: LabelledSentence) -> tuple[list[int], list[int], list[bool]]:
+    """Each word tokenized on its own, after the space that precedes it in the text."""
+    ids, words, firsts = [], [], []
+    for w, word in enumerate(sentence.words):
+        piece = (" " if w > 0 and sentence.space_after[w - 1] else "") + word
+        enc = tokenizer(piece, add_special_tokens=False, return_offsets_mapping=True)
+        lead, first = len(piece) - len(word), True
+        for token, (start, end) in zip(enc["input_ids"], enc["offset_mapping"]):
+            content = end > max(start, lead)  # more than the preceding space
+            ids.append(token)
+            words.append(w if content else -1)
+            firsts.append(content and first)
+            first = first and not content
+    return ids, words, firsts
+
+
+@dataclass
+class AlignmentReport:
+    """What :meth:`TokenLabelledDataset.encode` did with the labelled words, by label: how many were seen
+    (``words``), how many lost their label because no token starts at their first character
+    (``dropped``), how many contain the unknown token (``unknown``; they keep their label), and which
+    sentences were skipped (``skipped``: ``(source, reason)``)."""
+
+    tokenize: str
+    words: pd.Series
+    dropped: pd.Series
+    unknown: pd.Series
+    skipped: list[tuple[str, str]] = field(default_factory=list)
+
+    @property
+    def table(self) -> pd.DataFrame:
+        """One row per label: words, dropped, unknown, and the shares of the last two."""
+        frame = pd.DataFrame({"words": self.words, "dropped": self.dropped, "unknown": self.unknown})
+        total = frame["words"].where(frame["words"] > 0)
+        frame["dropped_share"] = (frame["dropped"] / total).fillna(0.0)
+        frame["unknown_share"] = (frame["unknown"] / total).fillna(0.0)
+        return frame
+
+    @property
+    def n_words(self) -> int:
+        return int(self.words.sum())
+
+    @property
+    def n_dropped(self) -> int:
+        return int(self.dropped.sum())
+
+    @property
+    def n_unknown(self) -> int:
+        return int(self.unknown.sum())
+
+    def summary(self) -> str:
+        """One line per problem found (empty when there is none)."""
+        lines = []
+        if self.n_dropped:
+            lines.append(
+                f"{self.n_dropped} of {self.n_words} labelled words ({self.n_dropped / self.n_words:.1%}) "
+                f"have no token of their own and are not labelled ({_by_label(self.dropped)}): a token "
+                "that starts in the previous word covers their first character. encode(..., "
+                "tokenize='words') keeps every label."
+            )
+        if self.n_unknown:
+            lines.append(
+                f"{self.n_unknown} of {self.n_words} labelled words ({self.n_unknown / self.n_words:.1%}) "
+                f"became the unknown token ({_by_label(self.unknown)}): the probe sees no trace of what "
+                "they were. Use a tokenizer that knows these words."
+            )
+        if self.skipped:
+            named = "; ".join(f"{where}: {reason}" for where, reason in self.skipped[:5])
+            more = f" and {len(self.skipped) - 5} more" if len(self.skipped) > 5 else ""
+            lines.append(f"Skipped {len(self.skipped)} sentences that cannot be encoded: {named}{more}.")
+        return "\n".join(lines)
+
+    def warn(self, above: float) -> None:
+        """Issue an :class:`AlignmentWarning` when a share of words is above ``above`` or sentences were
+        skipped."""
+        total = max(self.n_words, 1)
+        if self.skipped or self.n_dropped / total > above or self.n_unknown / total > above:
+            warnings.warn(self.summary() + f" (warn_above={above})", AlignmentWarning, stacklevel=3)
+
+
+def _by_label(counts: pd.Series) -> str:
+    return ", ".join(f"{label} {n}" for label, n in counts[counts > 0].sort_values(ascending=False).items())
 
 
 @dataclass
@@ -284,6 +466,7 @@ class EncodedDataset:
     types: list[list[int]] = field(default_factory=list)
     type_names: tuple[str, ...] = ()
     pad_id: int = 0
+    report: AlignmentReport | None = None
 
     def __len__(self) -> int:
         return len(self.input_ids)
@@ -311,7 +494,9 @@ class EncodedDataset:
         }
 
     def tokens_frame(self, sentence: int, tokenizer: Any | None = None) -> pd.DataFrame:
-        """One row per token of a sentence: position, token id (and text), word, label (None when -100)."""
+        """One row per token of a sentence: position, token id (and its display text, see
+        :func:`workbench.token_text.display_tokens`), word, label (None when -100)."""
+        shown = display_tokens(tokenizer, self.input_ids[sentence]) if tokenizer is not None else None
         rows = []
         for pos, (tid, w, label) in enumerate(
             zip(self.input_ids[sentence], self.word_ids[sentence], self.labels[sentence])
@@ -320,7 +505,7 @@ class EncodedDataset:
                 {
                     "position": pos,
                     "token_id": tid,
-                    "token": tokenizer.convert_ids_to_tokens(tid) if tokenizer is not None else None,
+                    "token": shown[pos] if shown is not None else None,
                     "word": self.dataset.sentences[sentence].words[w] if w >= 0 else None,
                     "label": self.label_names[label] if label != IGNORE else None,
                 }

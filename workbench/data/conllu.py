@@ -11,9 +11,15 @@ of the parsed `conllu` token. Two kinds of line need care, and get it as UD defi
   (``AUX+PART``).
 * An empty node (``8.1``) is a word of the enhanced graph only, absent from the text: it is skipped.
 
-Spacing follows ``SpaceAfter=No`` in MISC. The file is checked line by line first (ten tab-separated
-columns, IDs numbered 1, 2, 3, ..., ranges and empty nodes where UD allows them), and any problem raises
+Spacing follows ``SpaceAfter=No`` in MISC. Files are UTF-8 (a byte-order mark is accepted). Each file is
+checked line by line (ten tab-separated columns, IDs numbered 1, 2, 3, ..., ranges and empty nodes where UD
+allows them), and any problem, a byte that is not UTF-8 or a column function that raises included, raises
 :class:`ConlluError` with the file, the line number and the reason.
+
+Each line's fields are parsed by the `conllu` package (``parse_line``). The sentence structure is checked
+here rather than read with ``conllu.parse_incr``, because ``parse_incr`` reports a bad field without its
+line number and accepts what UD forbids (word IDs out of order, ranges past the sentence, space-separated
+columns).
 """
 
 from __future__ import annotations
@@ -80,7 +86,9 @@ def read_conllu(
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"No CoNLL-U file at {path}.")
-    text = path.read_text(encoding="utf-8")
+    if path.is_dir():
+        raise IsADirectoryError(f"{path} is a folder: give read_conllu one .conllu file.")
+    text = _decode(path.read_bytes(), path.name)
     return parse_conllu(
         text, column, multiword=multiword, missing=missing, label_names=label_names, source=path.name
     )
@@ -99,6 +107,7 @@ def parse_conllu(
     if multiword not in ("words", "surface"):
         raise ValueError(f"multiword must be 'words' or 'surface', not {multiword!r}.")
     getter = _column_getter(column)
+    text = text.removeprefix("\ufeff")  # a byte-order mark: harmless, dropped
     sentences = []
     for block in _blocks(text, source):
         sentences.append(_sentence(block, getter, multiword, missing, source))
@@ -113,6 +122,21 @@ def parse_conllu(
         sentences, label_names, name=f"{source} {_column_name(column)}"
     )
     return dataset
+
+
+def _decode(data: bytes, source: str) -> str:
+    """The file's text: UTF-8, with or without a byte-order mark (accepted and dropped)."""
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as error:
+        line = data.count(b"\n", 0, error.start) + 1
+        column = error.start - (data.rfind(b"\n", 0, error.start) + 1) + 1
+        raise ConlluError(
+            source,
+            line,
+            f"the file is not UTF-8 (byte 0x{data[error.start]:02X} at column {column}); CoNLL-U files are "
+            "UTF-8: convert it first, e.g. iconv -f latin1 -t utf-8 (if it is Latin-1).",
+        ) from None
 
 
 def _column_name(column: Column) -> str:
@@ -143,8 +167,16 @@ def _column_getter(column: Column) -> Callable[[Any], Any]:
     return lambda token: token[name]
 
 
-def _label(token: Any, getter: Callable[[Any], Any], missing: str | None) -> str | None:
-    value = getter(token)
+def _label(line: _Line, getter: Callable[[Any], Any], missing: str | None, source: str) -> str | None:
+    try:
+        value = getter(line.token)
+    except Exception as error:  # the user's column function: say where it failed
+        raise ConlluError(
+            source,
+            line.number,
+            f"the column function {getattr(getter, '__name__', 'column')!r} raised "
+            f"{type(error).__name__}: {error} (on the token {line.token['form']!r}).",
+        ) from error
     if value is None or value == "_" or value == "":
         return missing
     return str(value)
@@ -167,23 +199,24 @@ def _sentence(block: _Block, getter, multiword: str, missing: str | None, source
         span = block.ranges.get(first)
         if span is None:
             words.append(word["form"])
-            labels.append(_label(word, getter, missing))
+            labels.append(_label(block.words[i], getter, missing, source))
             spaces.append(_space_after(word))
             i += 1
             continue
         last = span.token["id"][2]
-        inner = [line.token for line in block.words[first - 1 : last]]
+        inner_lines = block.words[first - 1 : last]
+        inner = [line.token for line in inner_lines]
         if multiword == "surface":
-            inner_labels = [_label(t, getter, missing) for t in inner]
+            inner_labels = [_label(line, getter, missing, source) for line in inner_lines]
             words.append(span.token["form"])
             labels.append(
                 None if all(x is None for x in inner_labels) else "+".join(x or "_" for x in inner_labels)
             )
             spaces.append(_space_after(span.token))
         else:
-            for j, t in enumerate(inner):
+            for j, (line, t) in enumerate(zip(inner_lines, inner)):
                 words.append(t["form"])
-                labels.append(_label(t, getter, missing))
+                labels.append(_label(line, getter, missing, source))
                 spaces.append(True if j + 1 < len(inner) else _space_after(span.token))
         i = last
     return LabelledSentence(tuple(words), tuple(labels), tuple(spaces), source=where)

@@ -30,6 +30,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from workbench.token_text import word_token_ids
+
 __all__ = [
     "EVAL_SEED",
     "IOI_TEMPLATES",
@@ -311,18 +313,6 @@ def repeated_sequences(n: int, length: int, seed: int = EVAL_SEED, *, repeats: i
     return [rng.sample(pool, length) * repeats for _ in range(n)]
 
 
-def _token_pool(tokenizer) -> list[int]:
-    special = set(tokenizer.all_special_ids)
-    pool = []
-    for token, idx in tokenizer.get_vocab().items():
-        if idx in special:
-            continue
-        # Word-level ("▁word") and byte-level BPE ("Ġword") tokenizers both mark the leading space.
-        if token.lstrip("▁Ġ").isalpha():
-            pool.append(idx)
-    return sorted(pool)
-
-
 def repeated_token_ids(
     tokenizer,
     n: int,
@@ -334,11 +324,13 @@ def repeated_token_ids(
 ) -> torch.Tensor:
     """Random token sequences repeated, as a ``[n, bos + repeats * length]`` ``torch.long`` tensor.
 
-    Tokens are drawn (distinct within a copy) from the tokenizer's word tokens, special tokens and
-    punctuation excluded, with a ``torch.Generator`` seeded by ``seed``. With ``prepend_bos`` the first
-    column is the tokenizer's BOS, so copy ``r`` occupies columns ``1 + r*length .. (r+1)*length``.
+    Tokens are drawn (distinct within a copy) from the tokenizer's whole-word tokens
+    (:func:`workbench.token_text.word_token_ids`: letters only, after at most one leading space; no special,
+    control, punctuation or partial-UTF-8 tokens), with a ``torch.Generator`` seeded by ``seed``. With
+    ``prepend_bos`` the first column is the tokenizer's BOS, so copy ``r`` occupies columns
+    ``1 + r*length .. (r+1)*length``.
     """
-    pool = torch.tensor(_token_pool(tokenizer), dtype=torch.long)
+    pool = torch.tensor(word_token_ids(tokenizer), dtype=torch.long)
     if length > len(pool):
         raise ValueError(f"length {length} exceeds the {len(pool)} distinct tokens available")
     gen = torch.Generator().manual_seed(seed)

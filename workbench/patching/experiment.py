@@ -12,6 +12,7 @@ import torch
 from tqdm.auto import tqdm
 
 from workbench.hooked_model import HookedApertus
+from workbench.names import act_name
 from workbench.patching.components import (
     COMPONENTS,
     METRICS,
@@ -25,11 +26,11 @@ from workbench.patching.components import (
     shift_cell,
 )
 from workbench.patching.forward import (
+    PrefixKV,
     default_max_batch,
     forward_from,
     forward_with_hooks,
     patch_hook,
-    prepend_hook,
 )
 from workbench.patching.inputs import pair_tokens, parse_answers, str_tokens
 from workbench.patching.result import PatchResult
@@ -100,7 +101,7 @@ class PatchingExperiment:
         if callable(metric):
             values = []
             for start in range(0, logits.shape[0], b):
-                value = torch.as_tensor(metric(logits[start : start + b]), dtype=torch.float64)
+                value = _metric_value(metric(logits[start : start + b]))
                 if value.ndim > 1 or (value.ndim == 1 and value.shape[0] != b):
                     raise ValueError(
                         f"The metric returned shape {tuple(value.shape)}: return a scalar or one value per "
@@ -161,6 +162,11 @@ class PatchingExperiment:
         """Every cell of a component's sweep (neurons: of `layer`; restricted to `layers`/`positions`)."""
         spec = component_spec(component)
         model, cfg = self.model, self.model.cfg
+        for what, given in (("layers", layers), ("positions", positions)):
+            if given is not None and len(given) == 0:
+                raise ValueError(
+                    f"{what}=[] selects nothing to patch: pass None for all {what}, or at least one."
+                )
         if spec.name == "neurons":
             if layer is None:
                 raise ValueError(
@@ -222,6 +228,8 @@ class PatchingExperiment:
         """
         spec, metric = component_spec(component), self._check_metric(metric)
         direction = check_direction(direction)
+        _check_size("max_batch", max_batch, "rows per forward")
+        _check_size("memory_budget", memory_budget, "bytes")
         neuron_positions = positions if spec.name == "neurons" else None
         if cells is None:
             cells = self.cells(spec.name, layer=layer, layers=layers, positions=positions)
@@ -341,18 +349,16 @@ class PatchingExperiment:
             hooks.append((names[layer], patch_hook(src, mask[:, None])))
         entry = self.activations(base, [f"blocks.{layer}.hook_resid_pre" for layer in joins])
         entry = {layer: entry[f"blocks.{layer}.hook_resid_pre"][:, start:] for layer in joins}
+        prefix = None
         if start:  # every layer from the first reads the base run's keys and values before `start`
-            prefix = [
-                f"blocks.{layer}.attn.{h}"
-                for layer in range(first, self.model.cfg.n_layers)
-                for h in ("hook_rot_k", "hook_v")
-            ]
-            hooks += [
-                (name, prepend_hook(act[:, :start])) for name, act in self.activations(base, prefix).items()
-            ]
+            layers = range(first, self.model.cfg.n_layers)
+            kv = self.activations(base, [act_name(h, la) for la in layers for h in ("rot_k", "v")])
+            keys = {la: kv[act_name("rot_k", la)] for la in layers}
+            values = {la: kv[act_name("v", la)] for la in layers}
+            prefix = PrefixKV(keys, values, start)
         last = None if full else self.last - start
         with torch.no_grad():
-            logits = forward_from(self.model, joins, entry, self.mask, hooks, last, start)
+            logits = forward_from(self.model, joins, entry, self.mask, hooks, last, prefix)
         logits = logits.view(len(cells), self.n_prompts, *logits.shape[1:])
         unsorted = torch.empty_like(logits)
         unsorted[order] = logits
@@ -456,3 +462,30 @@ class PatchingExperiment:
                 spec, metric, direction, normalize, "attribution", cells[spec.name], raw
             )
         return results[specs[0].name] if single else results
+
+
+def _check_size(what: str, value: Any, unit: str) -> None:
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+        raise ValueError(
+            f"{what}={value!r}: give a whole number of {unit}, at least 1, or None for the default."
+        )
+
+
+def _metric_value(value: Any) -> torch.Tensor:
+    """A custom metric's return value as float64, refused when it is not a finite number (or numbers)."""
+    if (
+        isinstance(value, str)
+        or not isinstance(value, (int, float, torch.Tensor))
+        and not hasattr(value, "__array__")
+    ):
+        raise TypeError(
+            f"The metric returned {type(value).__name__} {value!r:.60}: return a number or a tensor (a "
+            "scalar or one value per prompt) computed from the logits."
+        )
+    value = torch.as_tensor(value, dtype=torch.float64)
+    if not bool(torch.isfinite(value).all()):
+        raise ValueError(
+            f"The metric returned {value.tolist()}: not a finite number, so no patching effect can be "
+            "measured. Check it on the unpatched logits (e.g. a log of 0, a division by a zero difference)."
+        )
+    return value

@@ -12,7 +12,8 @@ from collections.abc import Callable
 
 import torch
 
-from workbench.hooked_model import HookedApertus, _Masks, _output_head
+from workbench.hooked_model import HookedApertus
+from workbench.hooked_parts import AttentionMask
 
 
 def patch_hook(source: torch.Tensor, mask: torch.Tensor) -> Callable:
@@ -25,78 +26,60 @@ def patch_hook(source: torch.Tensor, mask: torch.Tensor) -> Callable:
     return hook
 
 
-def forward_from(model: HookedApertus, joins: Counter, entry: dict, key_mask, hooks, last, start: int = 0):
+def forward_from(model: HookedApertus, joins: Counter, entry: dict, key_mask, hooks, last, prefix=None):
     """A hooked forward whose batch grows layer by layer: joins[l] variants enter at layer l, from the base
     run's residual stream entry[l] [prompts, pos, d_model] (rows variant-major); logits as forward_with_hooks.
 
-    The same modules as HookedApertus.forward, entered at a layer: everything a variant would compute before
-    its patched layer is the base run, already cached. With `start` > 0 the residual stream holds positions
-    start.. only, and the hooks must supply the earlier keys and values (see `prepend_hook`).
+    The model's own blocks, entered at a layer: everything a variant would compute before its patched layer
+    is the base run, already cached. With a `prefix` (a `PrefixKV`), the residual stream holds the positions
+    after the prefix only, and attention reads the prefix's keys and values from the base run.
     """
-    body, cfg = model.hf_model.model, model.cfg
-    n_pos = next(iter(entry.values())).shape[1] + start
-    device = body.embed_tokens.weight.device
-    if key_mask is None:
-        position_ids = torch.arange(start, n_pos, device=device)[None]
-    else:
-        position_ids = (key_mask.long().cumsum(-1) - 1).clamp(min=0)
+    start = 0 if prefix is None else prefix.length
+    n_query = next(iter(entry.values())).shape[1]
     resid, variants = None, 0
     with model.hooks(fwd_hooks=hooks):
-        for layer in range(min(joins), cfg.n_layers):
-            device = model._layer_devices[layer]
+        for layer in range(min(joins), model.cfg.n_layers):
+            device = model.layer_device(layer)
             if joins.get(layer):
                 new = entry[layer].to(device).repeat(joins[layer], 1, 1)
                 resid = new if resid is None else torch.cat([resid.to(device), new])
                 variants += joins[layer]
             resid = resid.to(device)
-            cos, sin = body.rotary_emb(resid, position_ids=position_ids.to(device))
-            if key_mask is not None:
-                cos, sin = cos.repeat(variants, 1, 1), sin.repeat(variants, 1, 1)
-                masks = _Masks(key_mask.to(device).bool().repeat(variants, 1), n_pos, device)
-            else:
-                masks = SuffixMasks(start, n_pos, device) if start else _Masks(None, n_pos, device)
-            resid = model.blocks[layer](resid, body.layers[layer], cos, sin, masks, cfg.use_attn_result)
+            km = None if key_mask is None else key_mask.to(device).bool().repeat(variants, 1)
+            mask = AttentionMask(km, n_query, start + n_query, device)
+            cos, sin = model.hf_model.model.rotary_emb(resid, position_ids=model.positions(mask))
+            resid = model.blocks[layer](resid, cos, sin, mask, model.cfg.use_attn_result, prefix)
         return unembed(model, resid, None if last is None else last.repeat(variants))
 
 
-class SuffixMasks:
-    """The masks of queries start..n-1 over keys 0..n-1, in the interface of hooked_model._Masks.
+class PrefixKV:
+    """The base run's keys and values of positions 0..length-1 at every layer, put in front of a suffix
+    run's own (the KV-cache interface the model's attention calls: `update(k, v, layer)`).
 
-    `padded` routes attention through the explicit-mask path, which (unlike is_causal) accepts fewer queries
-    than keys; the mask is causal aligned to the last key.
+    `keys[l]`, `values[l]`: [prompts, pos, kv_head, d_head] as hook_rot_k / hook_v cache them; a batch of
+    several variants per prompt reads them repeated.
     """
 
-    padded = True
+    def __init__(self, keys: dict, values: dict, length: int) -> None:
+        self.keys = {layer: k[:, :length].transpose(1, 2) for layer, k in keys.items()}
+        self.values = {layer: v[:, :length].transpose(1, 2) for layer, v in values.items()}
+        self.length = length
 
-    def __init__(self, start: int, length: int, device: torch.device) -> None:
-        self.start, self.length, self.device = start, length, device
-        query = torch.arange(start, length, device=device)[:, None]
-        self.boolean = (torch.arange(length, device=device)[None] <= query)[None, None]
+    def get_seq_length(self, layer: int = 0) -> int:
+        return self.length
 
-    def additive(self, dtype: torch.dtype) -> torch.Tensor:
-        zero = torch.zeros((), dtype=dtype, device=self.device)
-        return torch.where(self.boolean, zero, torch.finfo(dtype).min)
-
-    def to(self, device: torch.device) -> SuffixMasks:
-        return SuffixMasks(self.start, self.length, device)
-
-
-def prepend_hook(prefix: torch.Tensor) -> Callable:
-    """A hook on hook_rot_k / hook_v that puts the base run's earlier positions in front of a suffix run's."""
-
-    def hook(act: torch.Tensor, hook) -> torch.Tensor:
-        rows = act.shape[0] // prefix.shape[0]
-        return torch.cat([prefix.to(act.device).repeat(rows, 1, 1, 1), act], dim=1)
-
-    return hook
+    def update(self, k: torch.Tensor, v: torch.Tensor, layer: int):
+        rows = k.shape[0] // self.keys[layer].shape[0]
+        past_k = self.keys[layer].to(k.device).repeat(rows, 1, 1, 1)
+        past_v = self.values[layer].to(v.device).repeat(rows, 1, 1, 1)
+        return torch.cat([past_k, k], dim=2), torch.cat([past_v, v], dim=2)
 
 
 def unembed(model: HookedApertus, resid: torch.Tensor, last: torch.Tensor | None) -> torch.Tensor:
-    body, head = model.hf_model.model, _output_head(model.hf_model)
-    normed = model.ln_final(resid.to(body.norm.weight.device), body.norm)
+    normed = model.ln_final(resid.to(model.ln_final.w.device))
     if last is not None:
         normed = normed[torch.arange(normed.shape[0], device=normed.device), last.to(normed.device)]
-    return head(normed.to(head.weight.device))
+    return model.unembed(normed)
 
 
 def forward_with_hooks(model: HookedApertus, tokens, mask, hooks, last: torch.Tensor | None) -> torch.Tensor:
@@ -114,8 +97,7 @@ def forward_with_hooks(model: HookedApertus, tokens, mask, hooks, last: torch.Te
     model.run_with_hooks(
         tokens, attention_mask=mask, fwd_hooks=[*hooks, ("ln_final.hook_normalized", keep)], return_type=None
     )
-    norm, head = model.hf_model.model.norm, _output_head(model.hf_model)
-    return head((norm.weight * kept["x"]).to(head.weight.device))
+    return model.unembed(model.ln_final.w * kept["x"])
 
 
 def free_memory(device: torch.device) -> int:

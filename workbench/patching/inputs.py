@@ -8,6 +8,7 @@ import torch
 
 from workbench.hooked_model import HookedApertus
 from workbench.patching.components import Prompts
+from workbench.vocabulary import check_known
 
 
 def str_tokens(model: HookedApertus, ids: torch.Tensor) -> list[str]:
@@ -32,8 +33,8 @@ def pair_tokens(model: HookedApertus, clean: Prompts, corrupted: Prompts, attent
         mask = (
             None if attention_mask is None or bool(attention_mask.all()) else attention_mask.to(device).long()
         )
-        model._check_tokens(a)
-        model._check_tokens(b)
+        model.check_tokens(a)
+        model.check_tokens(b)
         return a.to(device), b.to(device), mask
     clean = [clean] if isinstance(clean, str) else list(clean)
     corrupted = [corrupted] if isinstance(corrupted, str) else list(corrupted)
@@ -49,8 +50,8 @@ def pair_tokens(model: HookedApertus, clean: Prompts, corrupted: Prompts, attent
                 f"copies activations position by position, so both must tokenise to the same length.\n"
                 f"  clean:     {sx}\n  corrupted: {sy}"
             )
-    a, mask = model._tokenize(clean)
-    b, _ = model._tokenize(corrupted)
+    a, mask = model.tokenize(clean)
+    b, _ = model.tokenize(corrupted)
     device = model.W_E.device
     mask = None if bool(mask.all()) else mask.to(device)
     return a.to(device), b.to(device), mask
@@ -64,10 +65,20 @@ def parse_answers(
         return None, None
     device = model.W_E.device
     if isinstance(answers, torch.Tensor):
+        if answers.dtype.is_floating_point or answers.dtype.is_complex or answers.dtype == torch.bool:
+            raise TypeError(
+                f"answers is a {answers.dtype} tensor: token ids must be integers (torch.long), e.g. "
+                "torch.tensor([[correct_id, wrong_id]]), or give the answers as texts (' Mary', ' John')."
+            )
         ids = answers.long().reshape(-1, answers.shape[-1]) if answers.ndim else answers.long().view(1, 1)
     else:
+        if not isinstance(answers, (str, int, tuple, list)):
+            raise TypeError(
+                f"answers is a {type(answers).__name__}: give a pair (correct, wrong) of texts or ids, one "
+                "pair per prompt, or a tensor of integer ids."
+            )
         items = [answers] if isinstance(answers, str | int) or _is_pair(answers) else list(answers)
-        rows = [[item] if isinstance(item, str | int) else list(item) for item in items]
+        rows = [list(item) if isinstance(item, tuple | list) else [item] for item in items]
         ids = torch.tensor(
             [[_token_id(model, t, i) for t in row] for i, row in enumerate(rows)], dtype=torch.long
         )
@@ -89,9 +100,16 @@ def _is_pair(x: Any) -> bool:
 
 
 def _token_id(model: HookedApertus, token: str | int, prompt: int) -> int:
+    if isinstance(token, bool) or not isinstance(token, (str, int)):
+        raise TypeError(
+            f"Answer of prompt {prompt} is {token!r} ({type(token).__name__}): give a single-token text such "
+            f"as ' Mary' or an integer token id in 0..{model.cfg.d_vocab - 1}."
+        )
     if isinstance(token, int):
         return token
     try:
-        return model.to_single_token(token)
+        token_id = model.to_single_token(token)
     except ValueError as error:
         raise ValueError(f"Answer of prompt {prompt}: {error} Answers must be single tokens.") from None
+    check_known(model, token, token_id)
+    return token_id

@@ -5,11 +5,12 @@ control tasks), ``export_probe`` one of them as an ``ApertusForTokenClassificati
 ``evaluate`` any such checkpoint on a dataset.
 """
 
-from workbench.probing.export import Evaluation, evaluate, export_probe
-from workbench.probing.harvest import Harvest, harvest, residual_hooks
+from workbench.probing.export import Evaluation, evaluate, export_probe, load_probe_tagger
+from workbench.probing.harvest import CorruptHarvestError, Harvest, harvest, residual_hooks
 from workbench.probing.probes import ProbeResult, control_labels, train_probes
 
 __all__ = [
+    "CorruptHarvestError",
     "Evaluation",
     "Harvest",
     "ProbeResult",
@@ -17,6 +18,7 @@ __all__ = [
     "evaluate",
     "export_probe",
     "harvest",
+    "load_probe_tagger",
     "residual_hooks",
     "train_probes",
 ]

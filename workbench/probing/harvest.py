@@ -13,28 +13,43 @@ the same model, data and hooks (a fingerprint of all three is checked).
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
-import shutil
+import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors import safe_open
+from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 from workbench.data.alignment import IGNORE, EncodedDataset, TokenLabelledDataset
+from workbench.identity import file_digest, model_identity
 
-__all__ = ["Harvest", "harvest", "hook_layer", "is_residual_hook", "residual_hooks"]
+__all__ = [
+    "CorruptHarvestError",
+    "Harvest",
+    "harvest",
+    "hook_layer",
+    "is_residual_hook",
+    "model_fingerprint",
+    "residual_hooks",
+]
 
 MANIFEST = "manifest.json"
+COLUMNS = ("labels", "types", "sentence", "position")
 FORMAT = "workbench-probing-harvest/1"
 # Hooks laid out [batch, head, pos, ...]: not one vector per token, so not something to probe token by token.
 _NOT_PER_TOKEN = ("hook_q_normed", "hook_k_normed", "hook_attn_scores", "hook_pattern")
 _BLOCK = re.compile(r"^blocks\.(\d+)\.(.+)$")
+_SHARD_NAME = re.compile(r"shard-\d{5}\.safetensors")
+# Every file a harvest writes (a shard or the manifest, or either's temporary name): the only files that
+# overwrite=True may remove.
+_OWN_FILE = re.compile(r"(shard-\d{5}\.safetensors|manifest\.json)(\.tmp)?")
 
 
 def residual_hooks(n_layers: int) -> list[str]:
@@ -73,25 +88,90 @@ def _stop_at_layer(hooks: list[str], n_layers: int) -> int | None:
     return last + 1
 
 
-def _model_identity(model: Any) -> dict:
+def model_fingerprint(model: Any) -> dict:
+    """What a harvest records of its model: the identity of every weight (:func:`workbench.identity.
+    model_identity`) and the fields the probes need."""
     c = model.cfg
-    # A few weights stand for the model: the same shapes but other weights give another checksum.
-    probe = [model.W_E[:4].float(), model.hf_model.model.norm.weight.float()]
-    for layer in model.hf_model.model.layers[:2]:
-        probe.append(layer.mlp.down_proj.weight[:4].float())
-    digest = hashlib.sha256(b"".join(t.detach().cpu().contiguous().numpy().tobytes() for t in probe))
     return {
         "name": c.model_name,
         "n_layers": c.n_layers,
         "d_model": c.d_model,
         "eps": c.eps,
-        "weights": digest.hexdigest()[:16],
+        "weights": model_identity(model),
     }
+
+
+def attached_hooks(model: Any) -> list[str]:
+    """Hook points that hold hooks outside the harvest's own (they may change the activations)."""
+    return sorted(name for name, point in model.hook_dict.items() if point.fwd_hooks)
+
+
+class CorruptHarvestError(ValueError):
+    """A harvest folder whose manifest or shards do not match what was written."""
+
+
+def _fix(folder: Path) -> str:
+    return f"rerun harvest(..., {str(folder)!r}, overwrite=True) to recompute it"
+
+
+def _read_manifest(folder: Path) -> dict:
+    path = folder / MANIFEST
+    try:
+        manifest = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise CorruptHarvestError(
+            f"{path} is not valid JSON ({error}; truncated by an interrupted write?): {_fix(folder)}."
+        ) from None
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        found = manifest.get("format") if isinstance(manifest, dict) else type(manifest).__name__
+        raise CorruptHarvestError(
+            f"{path} is not a probing harvest (format {found!r}, expected {FORMAT}): {_fix(folder)}, "
+            "or harvest into another folder."
+        )
+    shards = manifest.get("shards")
+    if not isinstance(shards, list) or not all(isinstance(s, dict) and "file" in s for s in shards):
+        raise CorruptHarvestError(f"{path} has no valid shard list: {_fix(folder)}.")
+    for shard in shards:
+        _inside(folder, shard["file"])
+    return manifest
+
+
+def _inside(folder: Path, name: Any) -> Path:
+    # A manifest names files of its own folder only: no absolute paths, no "..", no sub-folders, no links out.
+    if not isinstance(name, str) or not _SHARD_NAME.fullmatch(name):
+        raise CorruptHarvestError(
+            f"The manifest of {folder} names the shard {name!r}, which is not a shard file of that folder "
+            f"(expected a name like shard-00000.safetensors): the harvest is corrupt and is not read; "
+            f"{_fix(folder)} (files outside the folder are never touched)."
+        )
+    path = folder / name
+    if path.is_symlink() or path.resolve().parent != folder.resolve():
+        raise CorruptHarvestError(
+            f"{path} leads outside the harvest folder: the harvest is corrupt and is not read; "
+            f"{_fix(folder)}."
+        )
+    return path
+
+
+def _verify_shard(folder: Path, shard: dict) -> None:
+    """The shard's file exists with the size and XXH3-128 checksum the manifest recorded."""
+    path = _inside(folder, shard["file"])
+    if not path.is_file():
+        problem = "is missing"
+    elif "bytes" not in shard or "xxh3_128" not in shard:
+        problem = "has no checksum in the manifest (written by an older workbench)"
+    elif path.stat().st_size != shard["bytes"]:
+        problem = f"has {path.stat().st_size} bytes, the manifest recorded {shard['bytes']} (truncated?)"
+    elif file_digest(path) != shard["xxh3_128"]:
+        problem = "does not match its checksum in the manifest (edited, swapped or damaged)"
+    else:
+        return
+    raise CorruptHarvestError(f"Shard {shard['file']} of the harvest in {folder} {problem}: {_fix(folder)}.")
 
 
 @dataclass
 class Harvest:
-    """A harvest folder: the manifest and, on demand, the features (all shards loaded and concatenated)."""
+    """A harvest folder: the manifest and, on demand, the features (shards verified, then read one by one)."""
 
     folder: Path
     manifest: dict
@@ -99,17 +179,11 @@ class Harvest:
     @classmethod
     def open(cls, folder: str | Path) -> Harvest:
         folder = Path(folder)
-        path = folder / MANIFEST
-        if not path.exists():
+        if not (folder / MANIFEST).exists():
             raise FileNotFoundError(
                 f"{folder} holds no harvest ({MANIFEST} missing): run probing.harvest(...) first."
             )
-        manifest = json.loads(path.read_text())
-        if manifest.get("format") != FORMAT:
-            raise ValueError(
-                f"{path} is not a probing harvest (format {manifest.get('format')!r}, expected {FORMAT})."
-            )
-        return cls(folder, manifest)
+        return cls(folder, _read_manifest(folder))
 
     @property
     def hooks(self) -> list[str]:
@@ -135,26 +209,65 @@ class Harvest:
     def n_tokens(self) -> int:
         return sum(shard["tokens"] for shard in self.manifest["shards"])
 
-    def load(self, hooks: list[str] | None = None) -> dict[str, torch.Tensor]:
-        """Every labelled token: ``{hook name: [n, width]}`` features plus labels, types, sentence,
-        position."""
+    @property
+    def model_identity(self) -> str:
+        """The identity of the model the activations came from (:func:`workbench.identity.model_identity`)."""
+        return self.manifest["model"]["weights"]
+
+    def verify(self) -> None:
+        """Check that the harvest is complete and every shard is the file that was written (size and XXH3-128
+        checksum); a bad shard raises :class:`CorruptHarvestError` naming it and the fix."""
         if not self.complete:
             raise RuntimeError(
                 f"The harvest in {self.folder} is incomplete ({len(self.manifest['shards'])} of "
                 f"{self.manifest['n_shards']} shards): call harvest(...) "
                 "again with the same arguments to finish it."
             )
-        hooks = self.hooks if hooks is None else hooks
+        for shard in self.manifest["shards"]:
+            _verify_shard(self.folder, shard)
+
+    def check_hooks(self, hooks: list[str]) -> list[str]:
         unknown = [h for h in hooks if h not in self.hooks]
         if unknown:
             raise KeyError(f"Hooks {unknown} were not harvested; this harvest has {self.hooks}.")
-        keys = [*hooks, "labels", "types", "sentence", "position"]
-        parts: dict[str, list[torch.Tensor]] = {key: [] for key in keys}
+        return list(hooks)
+
+    def shard_tensors(self, key: str, *, verify: bool = True) -> Iterator[torch.Tensor]:
+        """One harvested tensor (a hook or a column), shard by shard: memory for one shard's piece at a time.
+        Each piece's row count is checked against the manifest."""
+        if verify:
+            self.verify()
         for shard in self.manifest["shards"]:
-            tensors = load_file(self.folder / shard["file"])
-            for key in keys:
-                parts[key].append(tensors[key])
-        return {key: torch.cat(values) for key, values in parts.items()}
+            path = _inside(self.folder, shard["file"])
+            with safe_open(path, framework="pt") as reader:
+                if key not in reader.keys():  # noqa: SIM118 (safe_open has no __contains__)
+                    raise CorruptHarvestError(
+                        f"Shard {shard['file']} of the harvest in {self.folder} has no {key!r}: "
+                        f"{_fix(self.folder)}."
+                    )
+                tensor = reader.get_tensor(key)
+            if tensor.shape[0] != shard["tokens"]:
+                raise CorruptHarvestError(
+                    f"Shard {shard['file']} of the harvest in {self.folder} holds {tensor.shape[0]} rows of "
+                    f"{key!r}, the manifest recorded {shard['tokens']}: {_fix(self.folder)}."
+                )
+            yield tensor
+
+    def load(self, hooks: list[str] | None = None) -> dict[str, torch.Tensor]:
+        """Every labelled token: ``{hook name: [n, width]}`` features plus labels, types, sentence,
+        position. The shards are verified first; each result is allocated once and filled shard by shard."""
+        self.verify()
+        hooks = self.check_hooks(self.hooks if hooks is None else hooks)
+        out = {}
+        for key in [*hooks, *COLUMNS]:
+            result, row = None, 0
+            for piece in self.shard_tensors(key, verify=False):
+                if result is None:
+                    result = torch.empty((self.n_tokens, *piece.shape[1:]), dtype=piece.dtype)
+                result[row : row + len(piece)] = piece
+                row += len(piece)
+            out[key] = result
+        return out
 
     def __repr__(self) -> str:
         m = self.manifest
@@ -183,8 +296,15 @@ def harvest(
         any hook with one vector per token works (residual stream, attn/mlp outputs, hook_z, mlp.hook_post,
         ...).
     shard_sentences: sentences per shard, which bounds memory; batch_size: sentences per forward.
-    overwrite: replace a harvest of other data in ``folder`` (otherwise that is an error); a harvest of the
-        same data resumes where it stopped, and a finished one is returned as it is.
+    dtype: the storage dtype of the features, a floating dtype (float32, bfloat16, float16).
+    overwrite: replace a harvest of another model, data or hooks in ``folder``, or a damaged one (otherwise
+        that is an error). Only the files a harvest writes (``manifest.json``, ``shard-NNNNN.safetensors``)
+        are removed; a folder that holds any other file is refused. A harvest of the same model, data and
+        hooks resumes where it stopped (after checking every finished shard's checksum), and a finished one
+        is returned as it is.
+    The model is identified by a hash of every weight (:func:`workbench.identity.model_identity`): a harvest
+    never mixes the activations of two models. Hooks already attached to the model are recorded, and resuming
+    with others attached warns (an observing hook changes nothing; an editing one would).
     """
     if isinstance(data, TokenLabelledDataset):
         data = data.encode(model.tokenizer)
@@ -208,16 +328,24 @@ def harvest(
             )
     if len(set(hooks)) != len(hooks):
         raise ValueError(f"Hooks listed twice: {hooks}.")
-    if batch_size < 1 or shard_sentences < 1:
-        raise ValueError("batch_size and shard_sentences must be at least 1.")
+    for what, value in (("batch_size", batch_size), ("shard_sentences", shard_sentences)):
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ValueError(f"{what} must be a whole number of sentences, at least 1 (got {value!r}).")
+    dtype = _storage_dtype(dtype)
     if len(data) == 0:
         raise ValueError("The dataset has no sentences.")
+    if data.n_labelled == 0:
+        raise ValueError(
+            f"The dataset's {len(data)} sentences have no labelled token (every label is None or on a "
+            "special token), so there is nothing to probe: label some words, or check the column you read."
+        )
 
     folder = Path(folder)
     n_shards = -(-len(data) // shard_sentences)
     manifest = {
         "format": FORMAT,
-        "model": _model_identity(model),
+        "model": model_fingerprint(model),
+        "attached_hooks": attached_hooks(model),
         "data": data.fingerprint(),
         "subtokens": data.subtokens,
         "hooks": hooks,
@@ -252,6 +380,8 @@ def harvest(
                     "file": name,
                     "sentences": [sentences.start, sentences.stop],
                     "tokens": int(tensors["labels"].shape[0]),
+                    "bytes": (folder / name).stat().st_size,
+                    "xxh3_128": file_digest(folder / name),
                 }
             )
             manifest["shards"].sort(key=lambda shard: shard["index"])
@@ -312,37 +442,96 @@ def _harvest_shard(
     return {**out, **columns}
 
 
+_SAME = ("format", "model", "data", "hooks", "dtype", "shard_sentences")
+
+
 def _start_or_resume(folder: Path, manifest: dict, overwrite: bool) -> dict:
-    path = folder / MANIFEST
-    if path.exists():
-        old = json.loads(path.read_text())
-        same = all(
-            old.get(key) == manifest[key]
-            for key in ("format", "model", "data", "hooks", "dtype", "shard_sentences")
-        )
-        if same:
-            return old
-        if not overwrite:
-            differs = [
-                key
-                for key in ("model", "data", "hooks", "dtype", "shard_sentences")
-                if old.get(key) != manifest[key]
-            ]
-            raise FileExistsError(
-                f"{folder} holds a harvest of another {'/'.join(differs)}; "
-                "pass overwrite=True to replace it, or "
-                "harvest into another folder."
-            )
-        for shard in old.get("shards", []):
-            (folder / shard["file"]).unlink(missing_ok=True)
-        path.unlink()
-    elif folder.exists() and any(folder.iterdir()) and not overwrite:
-        raise FileExistsError(f"{folder} is not empty and holds no harvest: choose an empty or new folder.")
-    elif folder.exists() and overwrite:
-        shutil.rmtree(folder)
+    if folder.exists() and not folder.is_dir():
+        raise NotADirectoryError(f"{folder} is a file, not a folder: harvest into a folder.")
+    if (folder / MANIFEST).exists():
+        try:
+            old = _read_manifest(folder)
+        except CorruptHarvestError:
+            if not overwrite:
+                raise
+            old = None  # overwrite=True recovers: the harvest's own files are replaced below
+        if old is not None:
+            differs = [key for key in _SAME if old.get(key) != manifest[key]]
+            if not differs and _resumable(folder, old, overwrite):
+                if old.get("attached_hooks") != manifest["attached_hooks"]:
+                    warnings.warn(
+                        f"Resuming the harvest in {folder}, begun with hooks attached at "
+                        f"{old.get('attached_hooks')}, now at {manifest['attached_hooks']}: if a hook "
+                        "changes activations, the shards disagree (overwrite=True starts again).",
+                        stacklevel=3,
+                    )
+                return old
+            if differs and not overwrite:
+                raise FileExistsError(
+                    f"{folder} holds a harvest of {_difference(differs, old, manifest)}: resuming would mix "
+                    "them. Pass overwrite=True to replace it, or harvest into another folder."
+                )
+    if folder.exists():
+        _remove_own_files(folder, overwrite)
     folder.mkdir(parents=True, exist_ok=True)
     _write_manifest(folder, manifest)
     return manifest
+
+
+def _resumable(folder: Path, old: dict, overwrite: bool) -> bool:
+    """Whether every finished shard is intact (then the harvest resumes); a damaged one is an error, or with
+    overwrite=True a reason to start again."""
+    try:
+        for shard in old["shards"]:
+            _verify_shard(folder, shard)
+    except CorruptHarvestError:
+        if not overwrite:
+            raise
+        return False
+    return True
+
+
+def _difference(differs: list[str], old: dict, new: dict) -> str:
+    if "model" in differs:
+        was, now = old.get("model") or {}, new["model"]
+        if was.get("weights") != now["weights"]:
+            return (
+                f"another model (weights {str(was.get('weights'))[:12]}..., this model's are "
+                f"{now['weights'][:12]}...)"
+            )
+    return "another " + "/".join(key for key in differs if key != "format")
+
+
+def _remove_own_files(folder: Path, overwrite: bool) -> None:
+    """Empty the folder of a harvest's own files; refuse when anything else is there."""
+    entries = sorted(folder.iterdir())
+    own = [p for p in entries if _OWN_FILE.fullmatch(p.name) and p.is_file() and not p.is_symlink()]
+    others = [p.name for p in entries if p not in own]
+    if others:
+        shown = ", ".join(others[:5]) + (f" and {len(others) - 5} more" if len(others) > 5 else "")
+        raise FileExistsError(
+            f"{folder} holds files that no harvest wrote ({shown}); a harvest only replaces its own files "
+            "(manifest.json, shard-NNNNN.safetensors), so it never deletes yours: harvest into a new or "
+            "empty folder, or move those files away."
+        )
+    if own and not overwrite:
+        raise FileExistsError(
+            f"{folder} holds harvest files but no valid manifest: pass overwrite=True to replace them, "
+            "or harvest into another folder."
+        )
+    for path in own:
+        path.unlink()
+
+
+def _storage_dtype(dtype: Any) -> torch.dtype:
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype.removeprefix("torch."), dtype)
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise TypeError(
+            f"dtype={dtype!r} cannot hold activations: use a floating dtype, torch.float32 (default), "
+            "torch.bfloat16 or torch.float16."
+        )
+    return dtype
 
 
 def _write_atomic(path: Path, write) -> None:

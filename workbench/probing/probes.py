@@ -18,6 +18,7 @@ reading the property; selectivity = accuracy - control accuracy.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -31,7 +32,7 @@ from sklearn.metrics import f1_score
 from tqdm.auto import tqdm
 
 from workbench.data.alignment import IGNORE
-from workbench.probing.harvest import Harvest
+from workbench.probing.harvest import COLUMNS, Harvest
 
 __all__ = ["ProbeResult", "train_probes", "control_labels", "scores", "confusion_frame"]
 
@@ -99,6 +100,12 @@ class ProbeResult:
     split: dict[str, np.ndarray]  # sentence indices of train / val / test
     history: pd.DataFrame
     settings: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def model_identity(self) -> str | None:
+        """The identity of the model whose activations trained the probes (see :mod:`workbench.identity`):
+        ``export_probe`` refuses any other model."""
+        return (self.settings.get("model") or {}).get("weights")
 
     def index(self, layer: int | str) -> int:
         """The probe of ``layer`` (an entry of ``layers``) or of a hook name."""
@@ -253,40 +260,49 @@ def train_probes(
         its best weights kept; training stops when no probe has improved (by a relative ``min_improvement``)
         for ``patience`` checks.
     shuffle_labels: a sanity check, permute the labels across tokens; probes should then fall to chance.
-    Training holds the harvested features in memory (tokens x hooks x width x 4 bytes, e.g. 100k tokens x 33
-    layers x 4096 = 54 GB for an 8B model: harvest fewer hooks, or train on a subset of them with ``hooks``).
+    Training holds the harvested features in memory once, as float32 (tokens x hooks x width x 4 bytes, e.g.
+    100k tokens x 33 layers x 4096 = 54 GB for an 8B model: harvest fewer hooks, or train on a subset of them
+    with ``hooks``); the splits are views of that one buffer, and shards are read one hook at a time.
     """
+    _check_training(lr, weight_decay, max_steps, batch_size, eval_every, patience)
     if not isinstance(harvest, Harvest):
         harvest = Harvest.open(harvest)
-    hooks = harvest.hooks if hooks is None else list(hooks)
-    data = harvest.load(hooks)
+    hooks = harvest.check_hooks(harvest.hooks if hooks is None else list(hooks))
+    if not hooks:
+        raise ValueError(f"hooks=[] trains nothing: pass None (all of {harvest.hooks}) or some of them.")
+    harvest.verify()
+    columns = {key: torch.cat(list(harvest.shard_tensors(key, verify=False))) for key in COLUMNS}
     n_classes = len(harvest.label_names)
-    labels = data["labels"].long()
+    labels = columns["labels"].long()
+    present = labels.unique().tolist()
+    if len(present) < 2:
+        names = [harvest.label_names[k] for k in present]
+        raise ValueError(
+            f"Every one of the {len(labels)} labelled tokens has the label {names}: a probe needs at least "
+            "two classes to tell apart. Harvest data with more than one label."
+        )
     if shuffle_labels:
         labels = labels[torch.randperm(len(labels), generator=torch.Generator().manual_seed(seed + 1))]
-    control = control_labels(data["types"].long(), labels, n_classes, seed)
+    control = control_labels(columns["types"].long(), labels, n_classes, seed)
     eps = float(harvest.manifest["model"]["eps"])
 
-    widths = [data[h].shape[1] for h in hooks]
-    width = max(widths)
-    x = torch.zeros(len(labels), len(hooks), width)
-    for i, h in enumerate(hooks):
-        # Narrower hooks are zero-padded: zero features get zero gradient, so the probe is exactly a narrower
-        # one.
-        x[:, i, : widths[i]] = rms_normalize(data[h], eps) if normalize else data[h].float()
-
-    parts = _split_sentences(data["sentence"].numpy(), split, seed)
-    rows = {name: torch.from_numpy(np.isin(data["sentence"].numpy(), ids)) for name, ids in parts.items()}
-    for name, mask in rows.items():
+    parts = _split_sentences(columns["sentence"].numpy(), split, seed)
+    masks = {name: np.isin(columns["sentence"].numpy(), ids) for name, ids in parts.items()}
+    for name, mask in masks.items():
         if not mask.any():
             raise ValueError(f"The {name} split has no labelled token; use more sentences.")
-    targets = torch.stack([labels, control], dim=1)  # [n, task]
+    # Rows laid out train, then validation, then test: each split is a view of one buffer, never a copy.
+    order = torch.from_numpy(np.concatenate([np.flatnonzero(masks[n]) for n in ("train", "val", "test")]))
+    n_train, n_val = int(masks["train"].sum()), int(masks["val"].sum())
+    x, widths = _feature_buffer(harvest, hooks, order, eps, normalize)
+    targets = torch.stack([labels, control], dim=1)[order]  # [n, task]
+    train, val, test = slice(0, n_train), slice(n_train, n_train + n_val), slice(n_train + n_val, None)
 
     weight, bias, history = _fit(
-        x[rows["train"]],
-        targets[rows["train"]],
-        x[rows["val"]],
-        targets[rows["val"]],
+        x[:, train],
+        targets[train],
+        x[:, val],
+        targets[val],
         n_classes,
         lr=lr,
         weight_decay=weight_decay,
@@ -299,16 +315,15 @@ def train_probes(
         progress=progress,
     )
 
-    x_test, t_test = x[rows["test"]], targets[rows["test"]]
+    t_test = targets[test]
     with torch.no_grad():
-        logits = _logits(x_test, weight, bias)  # [n, hooks, task, classes]
-    predicted = logits.argmax(-1)
-    majority_label = int(torch.bincount(labels[rows["train"]], minlength=n_classes).argmax())
+        predicted = _logits(x[:, test], weight, bias).argmax(-1)  # [hooks, n, task]
+    majority_label = int(torch.bincount(targets[train, 0], minlength=n_classes).argmax())
     gold = t_test[:, 0].numpy()
     table = []
     for i, h in enumerate(hooks):
-        accuracy, macro_f1 = scores(gold, predicted[:, i, 0].numpy())
-        control_accuracy, _ = scores(t_test[:, 1].numpy(), predicted[:, i, 1].numpy())
+        accuracy, macro_f1 = scores(gold, predicted[i, :, 0].numpy())
+        control_accuracy, _ = scores(t_test[:, 1].numpy(), predicted[i, :, 1].numpy())
         table.append(
             {
                 "layer": harvest.layers[harvest.hooks.index(h)],
@@ -334,7 +349,7 @@ def train_probes(
         eps=eps,
         table=pd.DataFrame(table),
         test_gold=gold,
-        test_predictions=predicted[:, :, 0].T.numpy(),
+        test_predictions=predicted[:, :, 0].numpy(),
         split=parts,
         history=history,
         settings={
@@ -351,20 +366,65 @@ def train_probes(
     )
 
 
+def _check_training(lr, weight_decay, max_steps, batch_size, eval_every, patience) -> None:
+    for what, value in (("max_steps", max_steps), ("eval_every", eval_every), ("patience", patience)):
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ValueError(f"{what} must be a whole number, at least 1 (got {value!r}).")
+    if batch_size is not None and (
+        not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1
+    ):
+        raise ValueError(
+            f"batch_size must be None (the whole training set each step) or a whole number of tokens, at "
+            f"least 1 (got {batch_size!r})."
+        )
+    if not isinstance(lr, (int, float)) or not math.isfinite(lr) or lr <= 0:
+        raise ValueError(f"lr must be a positive number (got {lr!r}); the default is 0.05.")
+    if not isinstance(weight_decay, (int, float)) or not math.isfinite(weight_decay) or weight_decay < 0:
+        raise ValueError(f"weight_decay must be a number >= 0 (got {weight_decay!r}).")
+
+
+def _feature_buffer(
+    harvest: Harvest, hooks: list[str], order: torch.Tensor, eps: float, normalize: bool
+) -> tuple[torch.Tensor, list[int]]:
+    """The probes' inputs as one float32 buffer ``[hooks, n, width]`` whose rows follow ``order``, filled one
+    shard of one hook at a time: the only full-size allocation of training."""
+    destination = torch.empty_like(order)
+    destination[order] = torch.arange(len(order))
+    pieces = {h: harvest.shard_tensors(h, verify=False) for h in hooks}
+    first = {h: next(pieces[h]) for h in hooks}
+    widths = [first[h].reshape(len(first[h]), -1).shape[1] for h in hooks]
+    x = torch.empty(len(hooks), len(order), max(widths))
+    for i, h in enumerate(hooks):
+        if widths[i] < x.shape[2]:
+            # Narrower hooks are zero-padded: zero features get zero gradient, so the probe is exactly a
+            # narrower one.
+            x[i, :, widths[i] :] = 0
+        row = 0
+        for piece in (first[h], *pieces[h]):
+            piece = piece.reshape(len(piece), -1)
+            features = rms_normalize(piece, eps) if normalize else piece.float()
+            x[i, destination[row : row + len(piece)], : widths[i]] = features
+            row += len(piece)
+    return x, widths
+
+
 def _logits(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
-    # x [n, hooks, width], weight [hooks, task, width, classes], bias [hooks, task, classes] -> [n, hooks,
-    # task, classes]
-    return torch.einsum("nhd,htdc->nhtc", x, weight) + bias
+    # x [hooks, n, width] (one batched matmul per hook over a view: no copy of the features), weight
+    # [hooks, task, width, classes], bias [hooks, task, classes] -> [hooks, n, task, classes]
+    hooks, n, width = x.shape
+    _, tasks, _, classes = weight.shape
+    w = weight.permute(0, 2, 1, 3).reshape(hooks, width, tasks * classes)
+    return torch.bmm(x, w).view(hooks, n, tasks, classes) + bias[:, None]
 
 
 def _losses(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """Mean cross-entropy of every probe: [hooks, task]."""
-    n, hooks, tasks, classes = logits.shape
-    expanded = targets[:, None, :].expand(n, hooks, tasks)
+    hooks, n, tasks, classes = logits.shape
+    expanded = targets[None].expand(hooks, n, tasks)
     loss = F.cross_entropy(
         logits.reshape(-1, classes), expanded.reshape(-1), reduction="none", ignore_index=IGNORE
     )
-    return loss.view(n, hooks, tasks).mean(0)
+    return loss.view(hooks, n, tasks).mean(1)
 
 
 def _fit(
@@ -384,7 +444,7 @@ def _fit(
     seed,
     progress,
 ):
-    _, hooks, width = x_train.shape
+    hooks, _, width = x_train.shape
     gen = torch.Generator().manual_seed(seed)
     weight = torch.zeros(hooks, 2, width, n_classes, requires_grad=True)
     bias = torch.zeros(hooks, 2, n_classes, requires_grad=True)
@@ -395,7 +455,7 @@ def _fit(
     best_weight, best_bias = weight.detach().clone(), bias.detach().clone()
     since_best = torch.zeros(hooks, 2, dtype=torch.long)
     history = []
-    n = len(x_train)
+    n = x_train.shape[1]
     bar = tqdm(total=max_steps, desc="probes", unit="step", disable=not progress)
     with torch.enable_grad():
         for step in range(1, max_steps + 1):
@@ -403,7 +463,7 @@ def _fit(
                 xb, tb = x_train, t_train
             else:
                 rows = torch.randint(0, n, (batch_size,), generator=gen)
-                xb, tb = x_train[rows], t_train[rows]
+                xb, tb = x_train[:, rows], t_train[rows]
             loss = _losses(_logits(xb, weight, bias), tb).sum()  # independent probes: the sum trains each
             optimizer.zero_grad(set_to_none=True)
             loss.backward()

@@ -14,8 +14,9 @@ from collections import OrderedDict
 import ipywidgets as widgets
 import torch
 
-from workbench.data.alignment import IGNORE, EncodedDataset
+from workbench.data.alignment import IGNORE, EncodedDataset, TokenLabelledDataset
 from workbench.probing.probes import ProbeResult
+from workbench.widgets.controls import Choice, IndexText
 from workbench.widgets.tokens import colored_tokens_html
 
 
@@ -87,7 +88,9 @@ def probe_sentence_html(
 class ProbeView:
     """Choose a layer and a sentence; see the probe's prediction and confidence on every token.
 
-    Controls: `layer` (a dropdown over the probed hooks) and `sentence` (an index into ``data``); `html` holds
+    ``data``: a TokenLabelledDataset (encoded with the model's tokenizer, as harvest does) or an
+    EncodedDataset. Controls: `layer` (a dropdown over the probed hooks) and `sentence` (an index into
+    ``data``; a value outside it raises, naming the range); `html` holds
     the view. `model_runs` counts forwards (one per sentence shown, cached for the last few). Display it as
     any widget.
     """
@@ -96,12 +99,19 @@ class ProbeView:
         self,
         model,
         result: ProbeResult,
-        data: EncodedDataset,
+        data: EncodedDataset | TokenLabelledDataset,
         *,
         sentence: int = 0,
         layer: int | str | None = None,
         cached_sentences: int = 16,
     ) -> None:
+        if isinstance(data, TokenLabelledDataset):  # the same inputs as harvest(), encoded the same way
+            data = data.encode(model.tokenizer)
+        elif not isinstance(data, EncodedDataset):
+            raise TypeError(
+                f"ProbeView needs a TokenLabelledDataset or an EncodedDataset (as harvest), not "
+                f"{type(data).__name__}."
+            )
         if list(data.label_names) != list(result.label_names):
             raise ValueError(
                 f"The dataset's labels {list(data.label_names)} "
@@ -115,16 +125,16 @@ class ProbeView:
         start = (
             result.index(layer) if layer is not None else int(result.table["accuracy"].to_numpy().argmax())
         )
-        self.layer = widgets.Dropdown(
+        self.layer = Choice(
             options=[(f"layer {lay}  ({hook})", hook) for lay, hook in zip(result.layers, result.hooks)],
             value=result.hooks[start],
             description="probe",
             layout=widgets.Layout(width="420px"),
         )
-        self.sentence = widgets.BoundedIntText(
+        self.sentence = IndexText(
+            len(data),
+            what="sentence",
             value=sentence,
-            min=0,
-            max=len(data) - 1,
             description="sentence",
             layout=widgets.Layout(width="200px"),
         )

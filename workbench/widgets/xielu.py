@@ -17,6 +17,7 @@ import pandas as pd
 import plotly.graph_objects as go
 
 from workbench.hooked_model import HookedApertus
+from workbench.widgets.controls import Choice, ChoiceButtons, IndexText
 from workbench.widgets.tokens import colored_tokens_html
 from workbench.xielu import XIELUStatistics, neuron_output_tokens, regime_share_figure, xielu_figure
 
@@ -39,20 +40,22 @@ class XIELUExplorer:
         layer = stats.layers[0] if layer is None else model.check_layer(layer)
         if layer not in stats.layers:
             raise ValueError(f"layer {layer} was not gathered by these statistics (layers {stats.layers}).")
-        self.layer = widgets.Dropdown(
+        if isinstance(neuron, bool) or not isinstance(neuron, int) or not 0 <= neuron < model.cfg.d_mlp:
+            raise IndexError(f"neuron {neuron!r} is out of range (0..{model.cfg.d_mlp - 1}).")
+        self.layer = Choice(
             options=[(f"layer {la}", la) for la in stats.layers],
             value=layer,
             description="layer",
             layout=widgets.Layout(width="160px"),
         )
-        self.neuron = widgets.BoundedIntText(
+        self.neuron = IndexText(
+            model.cfg.d_mlp,
+            what="neuron",
             value=neuron,
-            min=0,
-            max=model.cfg.d_mlp - 1,
             description="neuron",
             layout=widgets.Layout(width="180px"),
         )
-        self.share_kind = widgets.ToggleButtons(
+        self.share_kind = ChoiceButtons(
             options=[("of activations", "activations"), ("of MLP output", "output")], value="activations"
         )
         self.layer.add_class("wb-layer")
