@@ -303,14 +303,16 @@ class NeuronAblation:
         """Loss increase: ablated group (rows) x evaluated language (columns)."""
         return self.table.pivot(index="ablated", columns="language", values="delta")
 
-    def ratios(self) -> pd.Series:
-        """For each group named after a language: its own loss increase over the mean of the others'."""
+    def ratios(self, floor: float = 1e-3) -> pd.Series:
+        """For each group named after a language: its own loss increase over the mean increase of the other
+        languages, that mean taken as at least ``floor`` nats (silencing can lower another language's loss
+        slightly, which would make the ratio meaningless or infinite)."""
         m = self.matrix()
         out = {}
         for group in m.index:
             if group in m.columns and len(m.columns) > 1:
-                others = m.loc[group].drop(group)
-                out[group] = float(m.loc[group, group] / others.mean()) if others.mean() > 0 else math.inf
+                others = float(m.loc[group].drop(group).mean())
+                out[group] = float(m.loc[group, group]) / max(others, floor)
         return pd.Series(out, name="own / others' loss increase")
 
     def figure(self) -> go.Figure:
