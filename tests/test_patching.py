@@ -451,11 +451,9 @@ def test_the_view_recomputes_on_each_choice_and_shows_a_cell(random_model, token
     assert predictions["patched"].tolist() == expected["patched"].tolist()
     assert "0,3" not in view.table.value and "layer 0" in view.table.value
 
-    class Click:  # what plotly hands a click callback on a heatmap
-        xs, ys = ["7: w1"], ["L2"]
-
-    view._on_click(view.figure.data[0], Click, None)
-    assert view.selected == (2, 7)
+    assert view.cell.options[0][1] is None and len(view.cell.options) == len(view.result.cells) + 1
+    view.cell.value = (2, 7)  # the cell dropdown, strongest first, stands in for clicks on the heatmap
+    assert view.selected == (2, 7) and "layer 2" in view.table.value
     with pytest.raises(IndexError, match="not a cell"):
         view.select((5, 0))
     assert attached_hooks(random_model) == 0

@@ -9,6 +9,7 @@ import pandas as pd
 import plotly.graph_objects as go
 import torch
 
+from workbench import figures
 from workbench.patching.components import Cell
 
 if TYPE_CHECKING:
@@ -101,31 +102,18 @@ class PatchResult:
     def figure(self, title: str | None = None) -> go.Figure:
         """A plotly heatmap (rows = layers, or layer-heads; columns = tokens, heads or neurons)."""
         z, rows, cols, _ = self.heatmap_axes()
-        z = z.tolist()
-        finite = [abs(v) for row in z for v in row if v == v]
-        top = max(finite, default=1.0) or 1.0
         what = "normalised " + self.metric if self.normalized else self.metric
-        fig = go.Figure(
-            go.Heatmap(
-                z=z,
-                x=cols,
-                y=rows,
-                colorscale="RdBu",
-                zmid=0,
-                zmin=-top,
-                zmax=top,
-                colorbar={"title": {"text": what}},
-                hovertemplate="%{y} %{x}<br>" + what + " %{z:.3f}<extra></extra>",
-            )
-        )
         default = f"{self.method} patching, {self.direction}: {self.component} ({what})"
-        fig.update_layout(
+        fig = figures.heatmap(
+            z.float().numpy(),
+            x=[figures.escape_label(c) for c in cols],  # plotly reads "<s>" as a tag
+            y=rows,
+            diverging=True,
+            colorbar_title=what,
+            hover="%{y} %{x}<br>" + what + " %{z:.3f}<extra></extra>",
             title=title or default,
-            yaxis={"autorange": "reversed", "type": "category"},
-            xaxis={"type": "category", "tickangle": -45},
-            margin={"l": 60, "r": 20, "t": 50, "b": 80},
-            height=max(260, 28 * len(rows) + 140),
         )
+        fig.update_layout(yaxis_type="category", xaxis={"type": "category", "tickangle": -45})
         return fig
 
 
