@@ -15,9 +15,29 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
+from workbench.data.alignment import LabelledSentence, TokenLabelledDataset
 from workbench.probing.harvest import Harvest
 
-__all__ = ["HarvestSource", "TensorSource"]
+__all__ = ["HarvestSource", "TensorSource", "text_dataset"]
+
+
+def text_dataset(texts: list[str], name: str = "texts") -> TokenLabelledDataset:
+    """Plain texts as a dataset whose every word is labelled, for :func:`workbench.probing.harvest` to
+    keep every token but BOS: encode it with ``subtokens="every"`` (``text_dataset(t).encode(tokenizer,
+    subtokens="every")``). Words are split on whitespace, so the text round-trips exactly."""
+    sentences = []
+    for i, text in enumerate(texts):
+        words = tuple(text.split())
+        if not words:
+            raise ValueError(f"Text {i} is empty or only whitespace: drop it.")
+        if " ".join(words) != text:
+            raise ValueError(
+                f"Text {i} has other whitespace than single spaces between words: normalise it first "
+                "(' '.join(text.split()))."
+            )
+        space = tuple([True] * (len(words) - 1) + [False])
+        sentences.append(LabelledSentence(words, ("token",) * len(words), space, source=f"{name} {i}"))
+    return TokenLabelledDataset.from_sentences(sentences, ["token"], name=name)
 
 
 class _Source:
