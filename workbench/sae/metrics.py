@@ -14,7 +14,7 @@ point with
 
 The activation is replaced at every real token except the first of each prompt (BOS, whose outsized
 residual stream SAEs are not trained on; ``skip_bos=False`` to include it), and the cross-entropy is
-averaged over the predictions made at those positions (the others cannot change).
+averaged over the predictions made at those positions (the others cannot change) whose next token is real.
 """
 
 from __future__ import annotations
@@ -85,7 +85,8 @@ def evaluate_saes(
     device = model.cfg.device
     # Predictions are scored only where the next token is real too.
     targets_ok = torch.cat([mask[:, 1:].bool(), torch.zeros_like(mask[:, :1], dtype=torch.bool)], 1)
-    where_all = replaced_positions(mask, skip_bos) & targets_ok
+    where_all = replaced_positions(mask, skip_bos)
+    scored_all = where_all & targets_ok
     batches = [slice(s, s + batch_size) for s in range(0, len(tokens), batch_size)]
     rows = []
     bar = tqdm(total=len(saes) * len(batches) * 2, desc="evaluate SAEs", disable=not progress)
@@ -96,26 +97,28 @@ def evaluate_saes(
         ce = {"clean": [0.0, 0], "sae": [0.0, 0], "zero": [0.0, 0]}
         for b in batches:
             tok, msk, where = tokens[b].to(device), mask[b].to(device), where_all[b].to(device)
+            scored = scored_all[b].to(device)
             logits, cache = model.run_with_cache(tok, attention_mask=msk, names_filter=[name])
             x = cache[name][where]
             with torch.no_grad():
                 acts = sae.encode(x.to(sae.device))
                 recon = sae.unflatten(sae.decode(acts), x)
             stats.add(x.float(), recon.float().to(x.device), acts)
-            _add(ce["clean"], _next_token_ce(logits, tok, where))
+            _add(ce["clean"], _next_token_ce(logits, tok, scored))
             for kind in ("sae", "zero"):
                 hook = _replace(sae, where, kind)
                 out = model.run_with_hooks(tok, attention_mask=msk, fwd_hooks=[(name, hook)])
-                _add(ce[kind], _next_token_ce(out, tok, where))
+                _add(ce[kind], _next_token_ce(out, tok, scored))
             bar.update()
         mean = stats.mean()
         ce["mean"] = [0.0, 0]
         for b in batches:
             tok, msk, where = tokens[b].to(device), mask[b].to(device), where_all[b].to(device)
+            scored = scored_all[b].to(device)
             out = model.run_with_hooks(
                 tok, attention_mask=msk, fwd_hooks=[(name, _replace(sae, where, "mean", mean))]
             )
-            _add(ce["mean"], _next_token_ce(out, tok, where))
+            _add(ce["mean"], _next_token_ce(out, tok, scored))
             bar.update()
         losses = {kind: total / max(n, 1) for kind, (total, n) in ce.items()}
         rows.append(
