@@ -144,7 +144,12 @@ ROWS = [
         "tokens=",
     ),
     # answers and names
-    ("answer-unknown-word", lambda m: m.to_single_token(" Zebra"), ValueError, "not in the vocabulary"),
+    (
+        "answer-unknown-word",
+        lambda m: m.to_single_token(" Zebra"),
+        ValueError,
+        "not in the tokenizer's vocabulary",
+    ),
     ("answer-two-tokens", lambda m: m.to_single_token(" Mary John"), ValueError, "not a single token"),
     ("check-layer-bool", lambda m: m.check_layer(True), IndexError, "out of range"),
     ("check-head", lambda m: m.check_head(4), IndexError, "0..3"),

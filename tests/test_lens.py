@@ -155,3 +155,41 @@ def test_trained_model_prefers_the_indirect_object_and_attribution_explains_it()
     assert abs(table.attribution.sum() - table.attrs["total"]) <= 1e-4
     traj = L.target_trajectory(model, prompts[0].clean, prompts[0].answer)
     assert traj["rank"].iloc[-1] < traj["rank"].iloc[0]
+
+
+def test_chunked_top_k_equals_the_full_logits(random_model):
+    """Top k and the softmax normaliser read in chunks of (layer, position) rows and of the vocabulary agree
+    with the full [layers, batch, pos, vocab] logits."""
+    lens = L.lens_logits(random_model, BATCH).float()
+    top_logit, top_id, log_norm = L.logit_lens_topk(random_model, BATCH, k=4, row_chunk=5, vocab_chunk=7)
+    expected = lens.topk(4, dim=-1)
+    torch.testing.assert_close(top_logit, expected.values)
+    _, mask = random_model.tokenize(BATCH)
+    real = mask.bool()  # padding reads as all-zero logits: ties in any order
+    assert torch.equal(top_id[:, real], expected.indices[:, real])
+    torch.testing.assert_close(log_norm, lens.logsumexp(-1))
+
+
+def test_trajectory_at_an_inner_position_reads_only_that_position(random_model):
+    lens = L.lens_logits(random_model, PROMPT)[:, 0, 3].float()
+    target = int(lens[1].argmax())
+    traj = L.target_trajectory(random_model, PROMPT, target, position=3)
+    assert traj["rank"].tolist() == [int((row > row[target]).sum()) for row in lens]
+    np.testing.assert_allclose(traj.prob, lens.softmax(-1)[:, target].numpy(), rtol=1e-5)
+
+
+def test_decomposition_at_one_position_per_prompt_is_the_full_one_there(random_model):
+    full = L.residual_decomposition(random_model, BATCH)
+    positions = [6, 2, 0]
+    one = L.residual_decomposition(random_model, BATCH, positions=positions)
+    rows = torch.arange(len(BATCH))
+    assert one.components.shape == (len(full.labels), len(BATCH), 1, random_model.cfg.d_model)
+    torch.testing.assert_close(one.components[:, :, 0], full.components[:, rows, positions])
+    torch.testing.assert_close(one.logits[:, 0], full.logits[rows, positions], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(one.scale[:, 0], full.scale[rows, positions])
+    assert one.max_error() <= 1e-5
+    assert one.table(batch=1).along_final.tolist() == pytest.approx(
+        full.table(batch=1, position=2).along_final.tolist(), rel=1e-5, abs=1e-6
+    )
+    with pytest.raises(ValueError, match="2 positions for 3 prompts"):
+        L.residual_decomposition(random_model, BATCH, positions=[1, 2])

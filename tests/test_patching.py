@@ -173,6 +173,46 @@ def test_neurons_at_chosen_positions_patch_only_there(random_model, tokens):
     assert (everywhere.raw - everywhere.corrupted_value).abs().max() > 1e-3
 
 
+@pytest.mark.parametrize("positions", [[6], [-1], [4, 7]])
+def test_neurons_at_later_positions_run_only_from_there_and_equal_a_full_patched_run(
+    random_model, tokens, positions, monkeypatch
+):
+    """Neurons patched at chosen positions recompute only from the first of them (the base run's keys and
+    values before it); each equals one full forward with that neuron copied at those positions."""
+    import workbench.patching.experiment as experiment_module
+
+    widths = []
+    forward_from = experiment_module.forward_from
+
+    def recording(model, joins, entry, *args):
+        widths.extend(e.shape[1] for e in entry.values())
+        return forward_from(model, joins, entry, *args)
+
+    monkeypatch.setattr(experiment_module, "forward_from", recording)
+    clean, corrupted = tokens
+    experiment = PatchingExperiment(random_model, clean, corrupted, ANSWERS)
+    cells = [(1, n) for n in range(0, random_model.cfg.d_mlp, 29)]
+    result = experiment.run(
+        "neurons", "logit_diff", cells=cells, positions=positions, normalize=False, progress=False
+    )
+    _, source = random_model.run_with_cache(clean, names_filter=lambda n: n.endswith("mlp.hook_post"))
+    metric = logit_diff_metric(random_model, ANSWERS)
+    name = "blocks.1.mlp.hook_post"
+    for (_, neuron), value in zip(cells, result.raw.tolist()):
+
+        def set_neuron(act, hook, neuron=neuron):
+            act = act.clone()
+            act[:, positions, neuron] = source[name][:, positions, neuron]
+            return act
+
+        with torch.no_grad():
+            expected = float(metric(random_model.run_with_hooks(corrupted, fwd_hooks=[(name, set_neuron)])))
+        assert value == pytest.approx(expected, abs=1e-5)
+    # Only the positions from the first patched one on were computed.
+    n_pos = clean.shape[1]
+    assert widths and set(widths) == {n_pos - min(p % n_pos for p in positions)}
+
+
 def test_a_padded_batch_equals_its_pairs_run_alone(random_model):
     clean = ["w3 w7 w1 w9 w3 w7 w1 w2 w4", "w5 w8 w2 w6 w5"]
     corrupted = ["w3 w7 w5 w9 w3 w7 w0 w2 w4", "w5 w8 w3 w6 w5"]

@@ -273,6 +273,29 @@ def test_export_reproduces_the_probe_token_for_token(
     assert result.accuracy == pytest.approx(np.mean(np.array(gold) == np.array(expected)))
 
 
+def test_small_export_in_bf16_is_within_the_stated_tolerance(tmp_path):
+    model = workbench.load(dtype=torch.bfloat16)
+    encoded = TokenLabelledDataset.from_tagged(tagged_sentences(80, seed=3), "pos").encode(model.tokenizer)
+    h = harvest(model, encoded, tmp_path / "h", **FAST)
+    probes = train_probes(h, max_steps=100, **FAST)
+    features = h.load()
+    for layer in (1, 3):
+        tagger = load_probe_tagger(export_probe(probes, layer, tmp_path / f"t{layer}", model))
+        assert tagger.dtype == torch.bfloat16 and tagger.config.num_hidden_layers == layer
+        expected = probes.logits(features[probes.hooks[probes.index(layer)]], layer)
+        batch = encoded.batch(list(range(len(encoded))))
+        with torch.no_grad():
+            logits = tagger(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        logits = logits[batch["labels"] != IGNORE].float()
+        bound = 0.02 * (1 + expected.abs().max(-1).values)  # the tolerance the export module states
+        assert ((logits - expected).abs().max(-1).values <= bound).all()
+        top = expected.topk(2, -1).values
+        clear = top[:, 0] - top[:, 1] > 2 * bound
+        assert (
+            torch.equal(logits.argmax(-1)[clear], expected.argmax(-1)[clear]) and clear.float().mean() > 0.9
+        )
+
+
 def test_export_refuses_what_it_cannot_make_exact(corpus_model, pos_harvest, tmp_path):
     h = pos_harvest[1]
     raw = train_probes(h, normalize=False, max_steps=5, **FAST)

@@ -247,3 +247,63 @@ def test_figures_show_the_chosen_layer(random_model, stats_and_reference):
     shares = X.regime_share_figure(stats)
     assert [t.name for t in shares.data] == list(X.REGIMES)
     np.testing.assert_allclose(shares.data[0].y, stats.regime_shares()["positive"])
+
+
+@pytest.fixture(scope="module")
+def bf16_model(random_checkpoint):
+    import workbench
+
+    return workbench.load(random_checkpoint, dtype=torch.bfloat16)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_streaming_reduction_equals_a_direct_computation_from_a_full_cache(random_model, bf16_model, dtype):
+    """The hooks fold each layer as the forward passes it, in neuron chunks, projecting two regimes and taking
+    the third as the MLP output minus them; the same statistics computed directly from a full cache of one
+    unpadded batch, with three float32 projections per layer as before, agree."""
+    model = random_model if dtype == "float32" else bf16_model
+    tokens = torch.stack([model.to_tokens(p)[0, :5] for p in PROMPTS[8:14]])  # 6 x 5, no padding
+    stats = X.xielu_statistics(model, tokens, top_k=3, neuron_chunk=37, progress=False)
+    _, cache = model.run_with_cache(tokens, names_filter=lambda n: "mlp.hook_" in n)
+    tol = {"rtol": 1e-5, "atol": 1e-6} if dtype == "float32" else {"rtol": 2e-3, "atol": 1e-4}
+    for layer in range(model.cfg.n_layers):
+        pre = cache[f"blocks.{layer}.mlp.hook_pre"][:, 1:].flatten(0, 1).float()
+        post = cache[f"blocks.{layer}.mlp.hook_post"][:, 1:].flatten(0, 1).float()
+        regime = X.classify_regimes(pre, float(stats.params.loc[layer, "boundary"]))
+        w_down = model.hf_model.model.layers[layer].mlp.down_proj.weight.float()
+        for r in range(3):
+            in_r = regime == r
+            np.testing.assert_array_equal(stats.counts[layer, :, r], in_r.sum(0).numpy())
+            np.testing.assert_allclose(
+                stats.post_abs[layer, :, r], torch.where(in_r, post.abs(), 0).sum(0).numpy(), **tol
+            )
+            norm = (torch.where(in_r, post, 0.0) @ w_down.T).norm(dim=-1).sum()
+            assert stats.output_norm[layer, r] == pytest.approx(float(norm), rel=tol["rtol"] * 10)
+        edges = stats.bin_edges[layer]
+        expected_hist = torch.histc(pre.flatten(), stats.hist.shape[1], float(edges[0]), float(edges[-1]))
+        np.testing.assert_array_equal(stats.hist[layer], expected_hist.long().numpy())
+        top = pre.T.topk(3)
+        np.testing.assert_array_equal(stats.top_values[layer], top.values.numpy())
+        # Each example points at a token holding its value (ties may pick either of the equal tokens).
+        full = cache[f"blocks.{layer}.mlp.hook_pre"].float()
+        where = torch.from_numpy(stats.top_where[layer])
+        at = full[where[..., 0], where[..., 1], torch.arange(full.shape[-1])[:, None]]
+        np.testing.assert_array_equal(at.numpy(), top.values.numpy())
+        np.testing.assert_array_equal(stats.bottom_values[layer], pre.T.topk(3, largest=False).values.numpy())
+    # Chunking over neurons changes nothing.
+    whole = X.xielu_statistics(model, tokens, top_k=3, neuron_chunk=10_000, progress=False)
+    for name in ("counts", "hist", "top_values", "top_context", "top_where", "bottom_where"):
+        np.testing.assert_array_equal(getattr(whole, name), getattr(stats, name))
+    np.testing.assert_allclose(whole.output_norm, stats.output_norm, rtol=1e-5)
+    assert attached_hooks(model) == 0
+
+
+def test_neuron_directions_read_the_unembedding_in_chunks(bf16_model):
+    layer, neuron = 2, 5
+    hf = bf16_model.hf_model
+    direction = hf.model.norm.weight * hf.model.layers[layer].mlp.down_proj.weight[:, neuron]
+    expected = direction.float() @ bf16_model.W_U.float()
+    for chunk in (7, 96, 10_000):
+        torch.testing.assert_close(X.direction_scores(bf16_model, direction, chunk=chunk), expected)
+    table = X.neuron_output_tokens(bf16_model, layer, neuron, k=3)
+    assert table[table.kind == "promoted"].token_id.tolist() == expected.topk(3).indices.tolist()

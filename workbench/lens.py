@@ -20,13 +20,16 @@ What remains between the parts' sum and the stream is floating-point rounding on
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import pandas as pd
 import plotly.graph_objects as go
 import torch
+import torch.nn.functional as F
+from transformer_lens.ActivationCache import ActivationCache
 
 from workbench.hooked_model import HookedApertus, Input
+from workbench.names import act_name, resid_labels, resid_names
 from workbench.vocabulary import check_known
 
 TokenLike = int | str
@@ -44,21 +47,122 @@ def unembed(model: HookedApertus, normed: torch.Tensor) -> torch.Tensor:
 
 
 def layer_labels(model: HookedApertus) -> list[str]:
-    """Names of the logit lens's rows: the embedding, then the output of each layer."""
-    return ["embed"] + [f"L{layer}" for layer in range(model.cfg.n_layers)]
+    """Names of the logit lens's rows, the residual streams 0..n_layers in the engine's one numbering
+    (TransformerLens's `accumulated_resid` labels): "0_pre" (the embedding), "1_pre", ..., "final_post"."""
+    return resid_labels(model.cfg.n_layers)
 
 
 def lens_logits(
     model: HookedApertus, input: Input, attention_mask: torch.Tensor | None = None
 ) -> torch.Tensor:
     """Logit-lens logits [n_layers + 1, batch, pos, d_vocab]: row 0 reads the embeddings, row l + 1 the
-    residual stream after layer l (row n_layers is the model's output)."""
-    names = ["blocks.0.hook_resid_pre"] + [f"blocks.{la}.hook_resid_post" for la in range(model.cfg.n_layers)]
+    residual stream after layer l (row n_layers is the model's output).
+
+    This is every logit at once (about 1 MB per layer and token with a 131k vocabulary): the tables and
+    figures below never build it, they read it in chunks (`logit_lens_topk`, `target_trajectory`).
+    """
     with torch.no_grad():
-        _, cache = model.run_with_cache(
-            input, attention_mask=attention_mask, names_filter=names, return_type=None
+        return torch.stack(
+            [unembed(model, final_norm(model, s)) for s in _streams(model, input, attention_mask)]
         )
-        return torch.stack([unembed(model, final_norm(model, cache[name])) for name in names])
+
+
+def _streams(model, input, attention_mask=None, position: int | None = None) -> torch.Tensor:
+    """The lens's residual streams [n_layers + 1, batch, pos, d_model], TransformerLens's
+    `accumulated_resid` of a cache of them (only `position`, kept as a length-1 axis, when one is given:
+    the forward then stops there, since later tokens cannot change it)."""
+    tokens, mask = _tokens_and_mask(model, input, attention_mask)
+    if position is not None:
+        tokens = tokens[:, : position + 1]
+        mask = None if mask is None else mask[:, : position + 1]
+        position = torch.full((tokens.shape[0],), position)
+    cache, _ = run_cache(model, tokens, mask, resid_names(model.cfg.n_layers), position)
+    return cache.accumulated_resid()
+
+
+def run_cache(
+    model: HookedApertus,
+    tokens: torch.Tensor,
+    mask: torch.Tensor | None,
+    names: Sequence[str],
+    positions: torch.Tensor | None = None,
+    logits: bool = False,
+) -> tuple[ActivationCache, torch.Tensor | None]:
+    """TransformerLens's `ActivationCache` of `names` from one run (and the logits when asked).
+
+    positions: None keeps every position; else one position per prompt [batch], taken by the hooks as the
+    forward passes, so each activation keeps a length-1 `pos` axis and the cache holds batch x (not
+    batch x pos) of each; the logits are then computed at those positions only.
+    """
+    rows = torch.arange(tokens.shape[0])
+    kept: dict[str, torch.Tensor] = {}
+
+    def keep(act: torch.Tensor, hook) -> None:
+        if positions is None:
+            kept[hook.name] = act.detach()
+        else:
+            kept[hook.name] = act[rows.to(act.device), positions.to(act.device)][:, None].clone()
+
+    final = act_name("resid_post", model.cfg.n_layers - 1)
+    wanted = list(dict.fromkeys([*names, final] if logits and positions is not None else names))
+    with torch.no_grad():
+        out = model.run_with_hooks(
+            tokens,
+            attention_mask=mask,
+            fwd_hooks=[(n, keep) for n in wanted],
+            return_type="logits" if logits and positions is None else None,
+        )
+        if logits and positions is not None:  # the model's own norm and head, at the kept positions only
+            out = model.unembed(model.ln_final(kept[final]))
+    return ActivationCache(kept, model), out
+
+
+def _logit_chunks(model: HookedApertus, streams: torch.Tensor, vocab_chunk: int, first: int = 0):
+    """(start, float32 logits [rows, chunk]) over the vocabulary, for residual streams [rows, d_model], each
+    read with its own final-norm scale; the same numbers as the model's output head, a chunk at a time."""
+    head = model.output_head
+    normed = final_norm(model, streams).to(head.weight.device)
+    for start in range(first, head.weight.shape[0], vocab_chunk):
+        bias = None if head.bias is None else head.bias[start : start + vocab_chunk]
+        yield start, F.linear(normed, head.weight[start : start + vocab_chunk], bias).float()
+
+
+def logit_lens_topk(
+    model: HookedApertus,
+    input: Input,
+    k: int = 5,
+    *,
+    attention_mask: torch.Tensor | None = None,
+    row_chunk: int = 256,
+    vocab_chunk: int = 16384,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The logit lens's top k per layer and position without holding its logits: (logits, token ids, log of
+    the softmax normaliser), the first two [n_layers + 1, batch, pos, k], the last [n_layers + 1, batch, pos];
+    a candidate's probability is exp(logit - normaliser).
+
+    The streams are read `row_chunk` (layer, position) pairs at a time against `vocab_chunk` rows of the
+    unembedding, so memory beyond the cached streams is row_chunk x vocab_chunk floats.
+    """
+    streams = _streams(model, input, attention_mask)
+    shape = streams.shape[:-1]
+    rows = streams.flatten(0, -2)
+    k = min(k, model.cfg.d_vocab)
+    top_logit = torch.empty((len(rows), k))
+    top_id = torch.empty((len(rows), k), dtype=torch.long)
+    log_norm = torch.empty(len(rows))
+    for first in range(0, len(rows), row_chunk):
+        best = torch.full((min(row_chunk, len(rows) - first), 0), -torch.inf)
+        ids = torch.empty(best.shape, dtype=torch.long)
+        lse = torch.full(best.shape[:1], -torch.inf)
+        for start, logits in _logit_chunks(model, rows[first : first + row_chunk], vocab_chunk):
+            logits = logits.cpu()
+            lse = torch.logaddexp(lse, logits.logsumexp(-1))
+            values, where = logits.topk(min(k, logits.shape[-1]), dim=-1)
+            best, pick = torch.cat([best, values], -1).topk(min(k, best.shape[-1] + values.shape[-1]), dim=-1)
+            ids = torch.cat([ids, where + start], -1).gather(-1, pick)
+        top_logit[first : first + len(best)], top_id[first : first + len(best)] = best, ids
+        log_norm[first : first + len(best)] = lse
+    return top_logit.view(*shape, k), top_id.view(*shape, k), log_norm.view(shape)
 
 
 def _single_prompt(model: HookedApertus, prompt: str | torch.Tensor) -> torch.Tensor:
@@ -77,10 +181,11 @@ def logit_lens_table(model: HookedApertus, prompt: str | torch.Tensor, k: int = 
     if not isinstance(k, int) or k < 1:
         raise ValueError(f"k must be a positive integer, not {k!r}.")
     tokens = _single_prompt(model, prompt)
-    logits = lens_logits(model, tokens)[:, 0].float()  # [layers + 1, pos, vocab]
-    probs = logits.softmax(-1)
-    top_p, top_id = probs.topk(min(k, probs.shape[-1]), dim=-1)
+    top_logit, top_id, log_norm = logit_lens_topk(model, tokens, k)
+    top_logit, top_id, log_norm = top_logit[:, 0], top_id[:, 0], log_norm[:, 0]
+    top_p = (top_logit - log_norm[..., None]).exp()
     labels, here = layer_labels(model), model.to_str_tokens(tokens[0])
+    texts = {t: model.token_text(t) for t in top_id.unique().tolist()}
     rows = []
     for li, label in enumerate(labels):
         for pos in range(tokens.shape[1]):
@@ -93,10 +198,10 @@ def logit_lens_table(model: HookedApertus, prompt: str | torch.Tensor, k: int = 
                         "position": pos,
                         "input_token": here[pos],
                         "rank": rank,
-                        "token": model.token_text(token),
+                        "token": texts[token],
                         "token_id": token,
                         "prob": float(top_p[li, pos, rank]),
-                        "logit": float(logits[li, pos, token]),
+                        "logit": float(top_logit[li, pos, rank]),
                     }
                 )
     return pd.DataFrame(rows)
@@ -151,15 +256,22 @@ def target_trajectory(
     tokens = _single_prompt(model, prompt)
     pos = _check_position(position, tokens.shape[1])
     target_id = _token_id(model, target)
-    logits = lens_logits(model, tokens)[:, 0, pos].float()  # [layers + 1, vocab]
-    probs = logits.softmax(-1)
-    target_logit = logits[:, target_id]
-    rank = (logits > target_logit[:, None]).sum(-1)
+    streams = _streams(model, tokens, position=pos)[:, 0, 0]  # [layers + 1, d_model]
+    chunk = 16384
+    # The target's own chunk first, so that its logit is the very number compared with the others.
+    first = target_id - target_id % chunk
+    target_logit = next(_logit_chunks(model, streams, chunk, first))[1][:, target_id - first].cpu()
+    rank = torch.zeros(len(streams), dtype=torch.long)
+    log_norm = torch.full((len(streams),), -torch.inf)
+    for _, logits in _logit_chunks(model, streams, chunk):
+        logits = logits.cpu()
+        rank += (logits > target_logit[:, None]).sum(-1)
+        log_norm = torch.logaddexp(log_norm, logits.logsumexp(-1))
     return pd.DataFrame(
         {
             "layer": layer_labels(model),
             "rank": rank.tolist(),
-            "prob": probs[:, target_id].tolist(),
+            "prob": (target_logit - log_norm).exp().tolist(),
             "logit": target_logit.tolist(),
         }
     )
@@ -201,7 +313,10 @@ class Decomposition:
 
     components: [n_components, batch, pos, d_model]; labels/kinds/layers/heads describe each row (head is
     -1 for embed/MLP/bias rows). final_resid: the stream entering the final norm; scale: the final norm's
-    RMS scale from the same run [batch, pos, 1]; logits: the model's output.
+    RMS scale from the same run [batch, pos, 1]; logits: the model's output [batch, pos, vocab].
+    positions: None when every position is kept; else the one position kept per prompt [batch], and the
+    `pos` axis of every tensor above has length 1 (it holds that position). cache: the run's
+    `ActivationCache` of what the decomposition read (for TransformerLens's methods).
     """
 
     labels: list[str]
@@ -213,6 +328,8 @@ class Decomposition:
     scale: torch.Tensor
     logits: torch.Tensor
     attention_mask: torch.Tensor | None
+    positions: torch.Tensor | None = None
+    cache: ActivationCache | None = field(default=None, repr=False)  # TransformerLens's, of what was kept
 
     def max_error(self) -> float:
         """Largest |sum of parts - final residual| over every entry (floating-point rounding only)."""
@@ -220,8 +337,9 @@ class Decomposition:
 
     def table(self, batch: int = 0, position: int = -1) -> pd.DataFrame:
         """Per component at one token: its norm, and its projection on the final residual's direction
-        (the parts' projections sum to the final residual's norm)."""
-        pos = _check_position(position, self.final_resid.shape[1])
+        (the parts' projections sum to the final residual's norm). With one position kept per prompt,
+        `position` is ignored: the table is of the kept one."""
+        pos = 0 if self.positions is not None else _check_position(position, self.final_resid.shape[1])
         parts = self.components[:, batch, pos].float()
         final = self.final_resid[batch, pos].float()
         unit = final / final.norm()
@@ -238,58 +356,86 @@ class Decomposition:
 
 
 def residual_decomposition(
-    model: HookedApertus, input: Input, attention_mask: torch.Tensor | None = None
+    model: HookedApertus,
+    input: Input,
+    attention_mask: torch.Tensor | None = None,
+    *,
+    positions: int | Sequence[int] | torch.Tensor | None = None,
 ) -> Decomposition:
     """Run once and split the final residual stream into embedding + every head + every MLP (+ biases, if a
     checkpoint has them). The head outputs are `hook_z` times each head's slice of o_proj, as
-    `attn.hook_result` would give."""
+    `attn.hook_result` would give.
+
+    positions: None keeps every position; a position (or one per prompt) keeps only that one, read by hooks
+    as the forward passes, so memory is components x batch x d_model instead of x pos (and logits only
+    there, not [batch, pos, vocab]).
+    """
+    tokens, mask = _tokens_and_mask(model, input, attention_mask)
+    batch, length = tokens.shape
+    if positions is not None:
+        positions = _positions(positions, batch, length)
     cfg = model.cfg
-    names = ["hook_embed", "ln_final.hook_scale", f"blocks.{cfg.n_layers - 1}.hook_resid_post"]
-    names += [f"blocks.{la}.attn.hook_z" for la in range(cfg.n_layers)]
-    names += [f"blocks.{la}.hook_mlp_out" for la in range(cfg.n_layers)]
+    final = act_name("resid_post", cfg.n_layers - 1)
+    names = [act_name("embed"), act_name("scale"), final]
+    names += [act_name(kind, la) for la in range(cfg.n_layers) for kind in ("z", "mlp_out")]
+    cache, logits = run_cache(model, tokens, mask, names, positions, logits=True)
     with torch.no_grad():
-        logits, cache = model.run_with_cache(input, attention_mask=attention_mask, names_filter=names)
-        parts, labels, kinds, layers, heads = [cache["hook_embed"]], ["embed"], ["embed"], [-1], [-1]
-        for la, decoder in enumerate(model.hf_model.model.layers):
-            o_proj = decoder.self_attn.o_proj
-            w_o = o_proj.weight.view(o_proj.out_features, cfg.n_heads, cfg.d_head)
-            z = cache[f"blocks.{la}.attn.hook_z"]
-            per_head = torch.einsum("bphd,mhd->hbpm", z, w_o.to(z.device))
+        # TransformerLens's decomposition (heads from hook_z and W_O, MLPs, embedding); its one "bias" row
+        # is replaced by a row per biased o_proj (Apertus has none), in the order the stream is written.
+        stack, tl_labels = cache.get_full_resid_decomposition(expand_neurons=False, return_labels=True)
+        tl = dict(zip(tl_labels, stack))
+        parts, labels, kinds, layers, heads = [tl["embed"]], ["embed"], ["embed"], [-1], [-1]
+        for la in range(cfg.n_layers):
             for h in range(cfg.n_heads):
-                parts.append(per_head[h])
+                parts.append(tl[f"L{la}H{h}"])
                 labels.append(f"L{la}H{h}")
                 kinds.append("head")
                 layers.append(la)
                 heads.append(h)
+            o_proj = model.hf_model.model.layers[la].self_attn.o_proj
             if o_proj.bias is not None:
-                parts.append(o_proj.bias.expand_as(per_head[0]))
+                parts.append(o_proj.bias.to(stack.device).expand_as(stack[0]))
                 labels.append(f"L{la} attn bias")
                 kinds.append("bias")
                 layers.append(la)
                 heads.append(-1)
-            parts.append(cache[f"blocks.{la}.hook_mlp_out"])
+            parts.append(tl[f"{la}_mlp_out"])
             labels.append(f"L{la} MLP")
             kinds.append("mlp")
             layers.append(la)
             heads.append(-1)
-        device = parts[0].device
-        components = torch.stack([p.to(device) for p in parts])
-    mask = None
-    if not isinstance(input, torch.Tensor):
-        _, mask = model.tokenize(input)
-    elif attention_mask is not None:
-        mask = attention_mask
+        components = torch.stack(parts)
     return Decomposition(
         labels,
         kinds,
         layers,
         heads,
         components,
-        cache[f"blocks.{cfg.n_layers - 1}.hook_resid_post"],
-        cache["ln_final.hook_scale"],
+        cache[final],
+        cache[act_name("scale")],
         logits,
         mask,
+        positions,
+        cache,
     )
+
+
+def _tokens_and_mask(model, input: Input, attention_mask) -> tuple[torch.Tensor, torch.Tensor | None]:
+    if isinstance(input, torch.Tensor):
+        return (input[None] if input.ndim == 1 else input), attention_mask
+    return model.tokenize(input)
+
+
+def _positions(positions, batch: int, length: int) -> torch.Tensor:
+    if isinstance(positions, torch.Tensor):
+        positions = positions.tolist()
+    if isinstance(positions, int):
+        positions = [positions] * batch
+    if len(positions) != batch:
+        raise ValueError(
+            f"{len(positions)} positions for {batch} prompts: give one per prompt, or one for all."
+        )
+    return torch.tensor([_check_position(p, length) for p in positions], dtype=torch.long)
 
 
 # -------------------------------------------------------------------------- direct logit attribution
@@ -310,34 +456,28 @@ def direct_logit_attribution(
     The final norm's scale is taken from this run (`ln_final.hook_scale`), so the attributions sum to the
     model's own logit difference; `.attrs` holds `total` (the model's mean logit difference), `sum` (of the
     attributions), `per_prompt` (the model's logit difference of each prompt) and `per_prompt_sum` (of the
-    attributions, per prompt).
+    attributions, per prompt). Only the explained position of each prompt is kept from the run.
     """
-    dec = residual_decomposition(model, input, attention_mask)
-    batch, length = dec.final_resid.shape[:2]
+    tokens, mask = _tokens_and_mask(model, input, attention_mask)
+    batch, length = tokens.shape
     if position is None:
-        if dec.attention_mask is not None:
-            mask = dec.attention_mask.bool()
-            positions = torch.tensor([int(row.nonzero().max()) for row in mask])
+        if mask is not None:
+            positions = torch.tensor([int(row.nonzero().max()) for row in mask.bool()])
         else:
             positions = torch.full((batch,), length - 1)
     else:
         positions = torch.full((batch,), _check_position(position, length))
     answers = _token_ids(model, answer, batch, "answer")
     wrongs = None if wrong is None else _token_ids(model, wrong, batch, "wrong")
+    dec = residual_decomposition(model, tokens, mask, positions=positions)
 
+    # TransformerLens's logit_attrs: the parts over the run's final-norm scale, read along
+    # model.tokens_to_residual_directions (W_U columns times the final norm's weight).
+    per_prompt = dec.cache.logit_attrs(
+        dec.components, tokens=answers, incorrect_tokens=wrongs, has_batch_dim=True
+    )[..., 0]  # [n, batch]
     rows = torch.arange(batch)
-    device = dec.components.device
-    rows_d, positions_d = rows.to(device), positions.to(device)
-    w_u = model.W_U.to(device)
-    direction = w_u[:, answers.to(device)].T  # [batch, d_model]
-    if wrongs is not None:
-        direction = direction - w_u[:, wrongs.to(device)].T
-    direction = direction * model.hf_model.model.norm.weight.to(device)
-    scale = dec.scale[rows_d, positions_d].to(device)  # [batch, 1]
-    parts = dec.components[:, rows_d, positions_d]  # [n, batch, d_model]
-    per_prompt = ((parts / scale) * direction).sum(-1)  # [n, batch]
-
-    out = dec.logits[rows_d, positions_d]
+    out = dec.logits[:, 0].cpu()
     total = out[rows, answers] - (out[rows, wrongs] if wrongs is not None else 0)
     table = pd.DataFrame(
         {

@@ -71,9 +71,20 @@ def load(
     if device is not None:
         hf_model.to(device)
     hf_model.eval().requires_grad_(False)
+    tokenizer_given = tokenizer is not None
     if tokenizer is None:
         tokenizer = AutoTokenizer.from_pretrained(source, **_tokenizer_kwargs(hf_kwargs))
-    return HookedApertus(hf_model, tokenizer, name=str(source))
+    model = HookedApertus(hf_model, tokenizer, name=str(source))
+    if not tokenizer_given and all(_plain(v) for v in hf_kwargs.values()):
+        # What a remote worker needs to load a replica (workbench.executors.RayExecutor).
+        spec = {"source": str(source), "device": None if device is None else str(device)}
+        spec.update({k: (str(v).removeprefix("torch.") if k == "dtype" else v) for k, v in hf_kwargs.items()})
+        model.load_spec = spec
+    return model
+
+
+def _plain(value: Any) -> bool:
+    return value is None or isinstance(value, (str, int, float, bool, dict, torch.dtype))
 
 
 def _check_loading_info(source: Any, info: dict) -> None:

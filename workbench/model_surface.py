@@ -16,6 +16,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from workbench import inputs
+from workbench.token_text import display_tokens
+from workbench.vocabulary import check_known
 
 
 class ModelSurface:
@@ -65,6 +67,12 @@ class ModelSurface:
             ids = list(input)
         return [self.token_text(i) for i in ids]
 
+    def token_labels(self, ids: torch.Tensor | Sequence[int]) -> list[str]:
+        """Display text of tokens for figures and tables: byte-level pieces decoded, a leading space shown
+        as `␣`, partial UTF-8 as `<0xF0>`, control characters escaped (`workbench.token_text`)."""
+        ids = ids.flatten().tolist() if isinstance(ids, torch.Tensor) else list(ids)
+        return display_tokens(self.tokenizer, ids)
+
     def to_string(self, tokens: torch.Tensor | Sequence[int]) -> str | list[str]:
         """Decode ids back to text (a list of texts for a [batch, pos] tensor)."""
         if isinstance(tokens, torch.Tensor) and tokens.ndim == 2:
@@ -78,12 +86,7 @@ class ModelSurface:
         if len(ids) != 1:
             pieces = [self.token_text(i) for i in ids]
             raise ValueError(f"{text!r} is not a single token: it splits into {len(ids)} tokens {pieces}.")
-        unk = getattr(self.tokenizer, "unk_token_id", None)
-        if unk is not None and ids[0] == unk:
-            raise ValueError(
-                f"{text!r} is not in the vocabulary: the tokenizer maps it to the unknown token "
-                f"{self.tokenizer.unk_token!r}, which is no answer. Choose a word the model knows."
-            )
+        check_known(self, text, ids[0])
         return ids[0]
 
     # -------------------------------------------------------------------------------------- weights

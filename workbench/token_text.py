@@ -33,6 +33,7 @@ __all__ = [
     "escape_label",
     "escape_labels",
     "is_word_token",
+    "token_bytes",
     "word_token_ids",
 ]
 
@@ -78,6 +79,17 @@ def display_tokens(
 def display_token(tokenizer: Any, token_id: int, *, space: str = SPACE) -> str:
     """The display text of one token on its own (partial characters as ``<0xF0>``)."""
     return display_tokens(tokenizer, [token_id], space=space)[0]
+
+
+def token_bytes(tokenizer: Any, ids: Iterable[int] | Any) -> list[bytes]:
+    """The bytes of text each token stands for (a special token: its written form, e.g. ``b"<s>"``)."""
+    ids = _id_list(ids, tokenizer)
+    added = _added_tokens(tokenizer)
+    byte_level = _is_byte_level(tokenizer)
+    return [
+        added[i][1].encode("utf-8") if i in added else _piece_bytes(piece, byte_level)
+        for i, piece in zip(ids, tokenizer.convert_ids_to_tokens(ids))
+    ]
 
 
 def escape_label(text: str) -> str:

@@ -30,8 +30,9 @@ per-neuron questions as DataFrames; `xielu_figure` and `regime_share_figure` dra
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 
 import numpy as np
 import pandas as pd
@@ -40,6 +41,7 @@ import torch
 from tqdm.auto import tqdm
 
 from workbench.hooked_model import HookedApertus
+from workbench.names import act_name
 
 REGIMES: tuple[str, ...] = ("positive", "negative falling", "negative rising")
 REGIME_COLORS: dict[str, str] = {
@@ -138,7 +140,7 @@ def neuron_output_tokens(model: HookedApertus, layer: int, neuron: int, k: int =
     _check_neuron(model, neuron)
     w_down = model.hf_model.model.layers[layer].mlp.down_proj.weight[:, neuron]
     norm_weight = model.hf_model.model.norm.weight
-    scores = ((w_down * norm_weight).float() @ model.W_U.float()).cpu()
+    scores = direction_scores(model, w_down * norm_weight.to(w_down.device))
     k = min(k, scores.numel())
     rows = []
     for kind, (values, ids) in (("promoted", scores.topk(k)), ("suppressed", (-scores).topk(k))):
@@ -154,6 +156,16 @@ def neuron_output_tokens(model: HookedApertus, layer: int, neuron: int, k: int =
                 }
             )
     return pd.DataFrame(rows)
+
+
+def direction_scores(model: HookedApertus, direction: torch.Tensor, chunk: int = 8192) -> torch.Tensor:
+    """`direction @ W_U` in float32 [d_vocab] on the CPU, reading the unembedding `chunk` tokens at a time so
+    that no float32 copy of the whole matrix is made (131k x 4096 would be 2 GB)."""
+    w_u = model.W_U
+    direction = direction.to(device=w_u.device, dtype=torch.float32)
+    return torch.cat(
+        [(direction @ w_u[:, start : start + chunk].float()).cpu() for start in range(0, w_u.shape[1], chunk)]
+    )
 
 
 def _check_neuron(model: HookedApertus, neuron: int) -> int:
@@ -291,6 +303,7 @@ def xielu_statistics(
     context_after: int = 2,
     skip_bos: bool = True,
     layers: Sequence[int] | None = None,
+    neuron_chunk: int = 2048,
     progress: bool = True,
 ) -> XIELUStatistics:
     """Stream `prompts` through the model once and gather xIELU statistics with bounded memory.
@@ -302,15 +315,23 @@ def xielu_statistics(
     top_k, context_before, context_after: how many top/bottom examples to keep per neuron and how many
         tokens of context around each.
     skip_bos: leave out the first token of each prompt (BOS collects outsized activations).
+    neuron_chunk: neurons folded at a time; what the statistics hold beyond the forward is about
+        batch tokens x (neuron_chunk x 20 + d_model x 12) bytes, one layer at a time.
+
+    Each gathered layer is folded into the statistics by hooks as the forward passes it (no layer's
+    activations outlive its hooks), and the forward stops after the last gathered layer.
     """
-    for name, value in (("batch_size", batch_size), ("bins", bins), ("top_k", top_k)):
+    checked = (("batch_size", batch_size), ("bins", bins), ("top_k", top_k), ("neuron_chunk", neuron_chunk))
+    for name, value in checked:
         if not isinstance(value, int) or value < 1:
             raise ValueError(f"{name} must be a positive integer, not {value!r}.")
     if value_range is not None and not value_range[0] < value_range[1]:
         raise ValueError(f"value_range must be (low, high) with low < high, not {value_range!r}.")
     layers = list(range(model.cfg.n_layers)) if layers is None else [model.check_layer(la) for la in layers]
     params = curve_table(model)
-    acc = _Accumulator(model, layers, params, bins, value_range, top_k, context_before, context_after)
+    acc = _Accumulator(
+        model, layers, params, bins, value_range, top_k, context_before, context_after, neuron_chunk
+    )
     batches = (
         list(_batches(prompts, batch_size))
         if isinstance(prompts, torch.Tensor)
@@ -322,29 +343,24 @@ def xielu_statistics(
     elif hasattr(prompts, "__len__"):
         total = math.ceil(len(prompts) / batch_size)
 
-    captured: dict[str, torch.Tensor] = {}
-
-    def keep(act: torch.Tensor, hook) -> None:
-        captured[hook.name] = act.detach()
-
-    names = {f"blocks.{la}.mlp.hook_{kind}" for la in layers for kind in ("pre", "post")}
+    hooks = acc.hooks()
     stop = max(layers) + 1
     for batch in tqdm(batches, total=total, desc="xIELU statistics", disable=not progress):
         tokens, mask = _tokens_and_mask(model, batch)
-        captured.clear()
-        with torch.no_grad():
-            model.run_with_hooks(
-                tokens,
-                attention_mask=mask,
-                fwd_hooks=[(lambda n: n in names, keep)],
-                stop_at_layer=stop if stop < model.cfg.n_layers else None,
-                return_type=None,
-            )
         valid = mask.bool().clone() if mask is not None else torch.ones_like(tokens, dtype=torch.bool)
         if skip_bos:
             first = valid.long().argmax(1)  # the first real token of each row (left or right padding)
             valid[torch.arange(len(valid)), first] = False
-        acc.add(tokens.cpu(), valid.cpu(), captured)
+        if not acc.start_batch(tokens.cpu(), valid.cpu()):
+            continue
+        with torch.no_grad():
+            model.run_with_hooks(
+                tokens,
+                attention_mask=mask,
+                fwd_hooks=hooks,
+                stop_at_layer=stop if stop < model.cfg.n_layers else None,
+                return_type=None,
+            )
     return acc.result(model)
 
 
@@ -376,12 +392,19 @@ def _tokens_and_mask(model: HookedApertus, batch) -> tuple[torch.Tensor, torch.T
 
 
 class _Accumulator:
-    """Fixed-size running statistics; `add` folds in one batch of pre-activations."""
+    """Fixed-size running statistics, folded in layer by layer while the forward passes.
 
-    def __init__(self, model, layers, params, bins, value_range, top_k, before, after):
+    `hooks()` gives three hooks per gathered layer: hook_pre keeps a reference to the layer's pre-activations,
+    hook_post folds the layer into the statistics (neuron chunk by neuron chunk, so no float32 copy of a
+    whole layer exists) and hook_mlp_out completes the output norms and drops the layer. At most one layer's
+    activations are alive beyond what the forward itself holds.
+    """
+
+    def __init__(self, model, layers, params, bins, value_range, top_k, before, after, chunk):
         n_layers, d_mlp = model.cfg.n_layers, model.cfg.d_mlp
-        self.layers, self.params, self.bins, self.value_range = layers, params, bins, value_range
-        self.k, self.before, self.after = top_k, before, after
+        self.model, self.layers, self.params, self.bins = model, layers, params, bins
+        self.value_range, self.k, self.chunk = value_range, top_k, chunk
+        self.before, self.after = before, after
         width = before + 1 + after
         self.edges = np.full((n_layers, bins + 1), np.nan)
         self.hist = np.zeros((n_layers, bins), dtype=np.int64)
@@ -389,54 +412,98 @@ class _Accumulator:
         self.counts = np.zeros((n_layers, d_mlp, 3), dtype=np.int64)
         self.post_abs = np.zeros((n_layers, d_mlp, 3))
         self.output_norm = np.zeros((n_layers, 3))
-        self.top = [_TopK(d_mlp, top_k, width, largest=True) for _ in range(n_layers)]
-        self.bottom = [_TopK(d_mlp, top_k, width, largest=False) for _ in range(n_layers)]
-        self.w_down = {
-            la: model.hf_model.model.layers[la].mlp.down_proj.weight.detach().float().cpu() for la in layers
-        }
+        self.top = _TopK(n_layers, d_mlp, top_k, width, largest=True)
+        self.bottom = _TopK(n_layers, d_mlp, top_k, width, largest=False)
         self.n_tokens = 0
         self.n_prompts = 0
+        self._batch: dict[str, torch.Tensor] = {}
+        self._layer: dict[str, torch.Tensor] = {}
 
-    def _set_edges(self, layer: int, values: torch.Tensor) -> None:
+    def hooks(self) -> list[tuple[str, Callable]]:
+        hooks = []
+        for layer in self.layers:
+            hooks += [
+                (act_name("pre", layer), self._keep_pre),
+                (act_name("post", layer), partial(self._fold, layer)),
+                (act_name("mlp_out", layer), partial(self._finish, layer)),
+            ]
+        return hooks
+
+    def start_batch(self, tokens: torch.Tensor, valid: torch.Tensor) -> bool:
+        """Take the next batch's token ids and valid-token mask [batch, pos]; False when it has no token."""
+        prompt_idx, pos_idx = valid.nonzero(as_tuple=True)
+        self._batch = {
+            "flat": prompt_idx * tokens.shape[1] + pos_idx,  # valid tokens in the flattened [batch * pos]
+            "windows": _context_windows(tokens, valid, self.before, self.after)[prompt_idx, pos_idx],
+            "where": torch.stack([prompt_idx + self.n_prompts, pos_idx], 1),
+        }
+        self.n_prompts += tokens.shape[0]
+        self.n_tokens += len(prompt_idx)
+        return len(prompt_idx) > 0
+
+    def _valid_rows(self, act: torch.Tensor, neurons: slice | None = None) -> torch.Tensor:
+        """[T, neurons] float32 (at least): the batch's valid tokens of one layer's activation."""
+        flat = act.flatten(0, 1)
+        rows = flat[self._batch["flat"].to(act.device)]
+        rows = rows if neurons is None else rows[:, neurons]
+        return rows.to(torch.promote_types(rows.dtype, torch.float32))
+
+    def _keep_pre(self, act: torch.Tensor, hook) -> None:
+        self._layer["pre"] = act.detach()
+
+    def _fold(self, layer: int, post_act: torch.Tensor, hook) -> None:
+        pre_act, post_act = self._layer.pop("pre"), post_act.detach()
+        if np.isnan(self.edges[layer, 0]):
+            self._set_edges(layer, pre_act)
+        edges, boundary = self.edges[layer], float(self.params.loc[layer, "boundary"])
+        down = self.model.hf_model.model.layers[layer].mlp.down_proj.weight
+        n_tokens = len(self._batch["flat"])
+        # Two regimes' parts of the MLP output are projected here; the third is the MLP output minus them.
+        parts = torch.zeros((2, n_tokens, down.shape[0]), dtype=torch.float32, device=post_act.device)
+        for start in range(0, pre_act.shape[-1], self.chunk):
+            neurons = slice(start, start + self.chunk)
+            pre, post = self._valid_rows(pre_act, neurons), self._valid_rows(post_act, neurons)
+            flat = pre.flatten()
+            self.outside[layer] += [int((flat < edges[0]).sum()), int((flat > edges[-1]).sum())]
+            hist = torch.histc(flat, self.bins, float(edges[0]), float(edges[-1]))
+            self.hist[layer] += hist.long().cpu().numpy()
+            regime = classify_regimes(pre, boundary)
+            post_abs = post.abs()
+            for r in range(len(REGIMES)):
+                in_r = regime == r
+                self.counts[layer, neurons, r] += in_r.sum(0).cpu().numpy()
+                self.post_abs[layer, neurons, r] += (
+                    torch.where(in_r, post_abs, 0.0).sum(0).double().cpu().numpy()
+                )
+            # down_proj is linear (Apertus's has no bias), so the MLP output splits exactly by regime; the
+            # weight slice is read in float32 a chunk at a time (a view, not a copy, for a float32 model).
+            w = down[:, neurons].to(device=post.device, dtype=torch.float32)
+            for i, r in enumerate((_FALLING, _RISING)):
+                parts[i].addmm_(torch.where(regime == r, post, 0.0), w.T)
+            where, windows = self._batch["where"], self._batch["windows"]
+            self.top.add(layer, neurons, pre.cpu(), windows, where)
+            self.bottom.add(layer, neurons, pre.cpu(), windows, where)
+        self._layer["parts"] = parts
+
+    def _finish(self, layer: int, mlp_out: torch.Tensor, hook) -> None:
+        falling, rising = self._layer.pop("parts")
+        bias = self.model.hf_model.model.layers[layer].mlp.down_proj.bias
+        total = self._valid_rows(mlp_out.detach() if bias is None else mlp_out.detach() - bias)
+        positive = total - falling - rising
+        for r, part in ((_POSITIVE, positive), (_FALLING, falling), (_RISING, rising)):
+            self.output_norm[layer, r] += float(part.norm(dim=-1).sum())
+
+    def _set_edges(self, layer: int, pre_act: torch.Tensor) -> None:
         if self.value_range is not None:
             low, high = self.value_range
         else:
-            low, high = float(values.min()), float(values.max())
+            rows = pre_act.flatten(0, 1)[self._batch["flat"].to(pre_act.device)]
+            low, high = float(rows.min()), float(rows.max())
             low = min(low, float(self.params.loc[layer, "boundary"]), 0.0)
             high = max(high, 0.0)
             span = max(high - low, 1e-3)
             low, high = low - span / 4, high + span / 4
         self.edges[layer] = np.linspace(low, high, self.bins + 1)
-
-    def add(self, tokens: torch.Tensor, valid: torch.Tensor, captured: dict[int, torch.Tensor]) -> None:
-        # Each valid token's global (prompt, position) and its context window of token ids.
-        prompt_idx, pos_idx = valid.nonzero(as_tuple=True)
-        windows = _context_windows(tokens, valid, self.before, self.after)[prompt_idx, pos_idx]
-        where = torch.stack([prompt_idx + self.n_prompts, pos_idx], 1)
-        self.n_prompts += tokens.shape[0]
-        self.n_tokens += int(valid.sum())
-        if len(prompt_idx) == 0:
-            return
-        for layer in self.layers:
-            pre = captured[f"blocks.{layer}.mlp.hook_pre"].cpu()[prompt_idx, pos_idx].float()  # [T, N]
-            post = captured[f"blocks.{layer}.mlp.hook_post"].cpu()[prompt_idx, pos_idx].float()
-            if np.isnan(self.edges[layer, 0]):
-                self._set_edges(layer, pre)
-            edges = self.edges[layer]
-            flat = pre.flatten()
-            self.outside[layer] += [int((flat < edges[0]).sum()), int((flat > edges[-1]).sum())]
-            self.hist[layer] += torch.histc(flat, self.bins, float(edges[0]), float(edges[-1])).long().numpy()
-
-            regime = classify_regimes(pre, float(self.params.loc[layer, "boundary"]))
-            one_hot = torch.nn.functional.one_hot(regime, len(REGIMES)).float()  # [T, N, R]
-            self.counts[layer] += one_hot.sum(0).round().long().numpy()
-            self.post_abs[layer] += (post.abs()[..., None] * one_hot).sum(0).double().numpy()
-            w = self.w_down[layer]  # [d_model, N]
-            for r in range(len(REGIMES)):
-                # down_proj is linear (Apertus's has no bias), so the MLP output splits exactly by regime.
-                self.output_norm[layer, r] += float(((post * one_hot[..., r]) @ w.T).norm(dim=-1).sum())
-            self.top[layer].add(pre, windows, where)
-            self.bottom[layer].add(pre, windows, where)
 
     def result(self, model) -> XIELUStatistics:
         vocab = [model.token_text(i) for i in range(model.cfg.d_vocab)]
@@ -449,12 +516,12 @@ class _Accumulator:
             counts=self.counts,
             post_abs=self.post_abs,
             output_norm=self.output_norm,
-            top_values=np.stack([t.values.numpy() for t in self.top]),
-            top_context=np.stack([t.context.numpy() for t in self.top]),
-            top_where=np.stack([t.where.numpy() for t in self.top]),
-            bottom_values=np.stack([t.values.numpy() for t in self.bottom]),
-            bottom_context=np.stack([t.context.numpy() for t in self.bottom]),
-            bottom_where=np.stack([t.where.numpy() for t in self.bottom]),
+            top_values=self.top.values,
+            top_context=self.top.context,
+            top_where=self.top.where,
+            bottom_values=self.bottom.values,
+            bottom_context=self.bottom.context,
+            bottom_where=self.bottom.where,
             context_before=self.before,
             n_tokens=self.n_tokens,
             n_prompts=self.n_prompts,
@@ -465,22 +532,27 @@ class _Accumulator:
 class _TopK:
     """The k largest (or smallest) values per neuron seen so far, with where they came from.
 
-    The bounded heap of the textbook, kept for all neurons at once: each batch is merged with the current
-    k by one `topk`, so memory stays [neurons, k] whatever the dataset's size.
+    The bounded heap of the textbook, kept for all neurons of all layers at once, in place in fixed arrays
+    [layers, neurons, k, ...]: each chunk of neurons is merged with its current k by one `topk`, so memory
+    stays [layers, neurons, k] whatever the dataset's size. Context token ids are int32 (vocabularies fit).
     """
 
-    def __init__(self, n: int, k: int, width: int, largest: bool) -> None:
+    def __init__(self, n_layers: int, n: int, k: int, width: int, largest: bool) -> None:
         self.k, self.largest = k, largest
-        self.values = torch.full((n, k), math.nan)
-        self.context = torch.full((n, k, width), -1, dtype=torch.long)
-        self.where = torch.full((n, k, 2), -1, dtype=torch.long)
+        self.values = np.full((n_layers, n, k), np.nan, dtype=np.float32)
+        self.context = np.full((n_layers, n, k, width), -1, dtype=np.int32)
+        self.where = np.full((n_layers, n, k, 2), -1, dtype=np.int64)
 
-    def add(self, values: torch.Tensor, windows: torch.Tensor, where: torch.Tensor) -> None:
-        # values [T, N], windows [T, width], where [T, 2]
+    def add(
+        self, layer: int, neurons: slice, values: torch.Tensor, windows: torch.Tensor, where: torch.Tensor
+    ) -> None:
+        # values [T, n] for these neurons, windows [T, width], where [T, 2]
+        mine = [torch.from_numpy(a[layer, neurons]) for a in (self.values, self.context, self.where)]
+        values_now, context_now, where_now = mine
         fill = -math.inf if self.largest else math.inf
-        old = torch.nan_to_num(self.values, nan=fill)
+        old = torch.nan_to_num(values_now, nan=fill)
         k = min(self.k, values.shape[0])
-        new_values, new_rows = values.T.topk(k, dim=1, largest=self.largest)  # [N, k]
+        new_values, new_rows = values.float().T.topk(k, dim=1, largest=self.largest)  # [n, k]
         merged = torch.cat([old, new_values], 1)
         best, pick = merged.topk(self.k, dim=1, largest=self.largest)
         from_old = pick < self.k
@@ -488,16 +560,17 @@ class _TopK:
         new_pick = new_rows.gather(1, (pick - self.k).clamp(min=0, max=k - 1))
         context = torch.where(
             from_old[..., None],
-            self.context.gather(1, old_pick[..., None].expand_as(self.context)),
-            windows[new_pick],
+            context_now.gather(1, old_pick[..., None].expand_as(context_now)),
+            windows[new_pick].to(torch.int32),
         )
         where_ = torch.where(
             from_old[..., None],
-            self.where.gather(1, old_pick[..., None].expand_as(self.where)),
+            where_now.gather(1, old_pick[..., None].expand_as(where_now)),
             where[new_pick],
         )
-        self.values = torch.where(torch.isinf(best), torch.full_like(best, math.nan), best)
-        self.context, self.where = context, where_
+        values_now.copy_(torch.where(torch.isinf(best), torch.full_like(best, math.nan), best))
+        context_now.copy_(context)
+        where_now.copy_(where_)
 
 
 def _context_windows(tokens: torch.Tensor, valid: torch.Tensor, before: int, after: int) -> torch.Tensor:

@@ -1,5 +1,13 @@
 """Datasets with known ground truth: the seeded synthetic corpus (:mod:`workbench.data.corpus`) and more."""
 
+from workbench.data.alignment import (
+    AlignmentError,
+    AlignmentReport,
+    AlignmentWarning,
+    EncodedDataset,
+    LabelledSentence,
+    TokenLabelledDataset,
+)
 from workbench.data.corpus import (
     EVAL_SEED,
     IOIBatch,
@@ -14,6 +22,12 @@ from workbench.data.corpus import (
 )
 
 __all__ = [
+    "AlignmentError",
+    "AlignmentReport",
+    "AlignmentWarning",
+    "EncodedDataset",
+    "LabelledSentence",
+    "TokenLabelledDataset",
     "EVAL_SEED",
     "IOIBatch",
     "IOIPrompt",

@@ -28,7 +28,8 @@ from typing import Any, Literal
 import pandas as pd
 import torch
 
-from workbench.token_text import display_tokens
+from workbench.inputs import pad_token_id
+from workbench.token_text import display_tokens, token_bytes
 
 __all__ = [
     "IGNORE",
@@ -38,7 +39,6 @@ __all__ = [
     "EncodedDataset",
     "LabelledSentence",
     "TokenLabelledDataset",
-    "pad_token_id",
 ]
 
 #: The label of tokens that carry none (transformers' and PyTorch's cross-entropy ``ignore_index``).
@@ -230,6 +230,11 @@ class TokenLabelledDataset:
                 skipped.append((_where(sentence), f"{type(error).__name__}: {error}"))
                 continue
             kept.append((sentence, row))
+        if not self.sentences:
+            raise ValueError(
+                f"{self.name or 'The dataset'} has no sentences: read a file that has some, or check the "
+                "slice you took."
+            )
         if not kept:
             raise AlignmentError(
                 f"No sentence of {self.name or 'the dataset'} could be encoded; the first: "
@@ -256,14 +261,6 @@ class TokenLabelledDataset:
 class AlignmentWarning(UserWarning):
     """Many words lost their label (no token of their own, or the unknown token), or sentences were
     skipped."""
-
-
-def pad_token_id(tokenizer: Any) -> int:
-    """The id padding uses: the tokenizer's pad token, else its EOS, else 0 (the engine's rule)."""
-    for candidate in (tokenizer.pad_token_id, tokenizer.eos_token_id):
-        if candidate is not None:
-            return int(candidate)
-    return 0
 
 
 def _is_punct(word: str) -> bool:
@@ -373,14 +370,27 @@ def _tokens_of_words(tokenizer: Any, sentence: LabelledSentence) -> tuple[list[i
     for w, word in enumerate(sentence.words):
         piece = (" " if w > 0 and sentence.space_after[w - 1] else "") + word
         enc = tokenizer(piece, add_special_tokens=False, return_offsets_mapping=True)
+        tokens, offsets = list(enc["input_ids"]), list(enc["offset_mapping"])
+        if w > 0 and not piece.startswith(" ") and _spurious_marker(tokenizer, tokens, offsets):
+            # A SentencePiece-style tokenizer puts a space marker before every text it is given (a token of
+            # its own before punctuation); a word glued to the one before must not gain that space.
+            tokens, offsets = tokens[1:], offsets[1:]
         lead, first = len(piece) - len(word), True
-        for token, (start, end) in zip(enc["input_ids"], enc["offset_mapping"]):
+        for token, (start, end) in zip(tokens, offsets):
             content = end > max(start, lead)  # more than the preceding space
             ids.append(token)
             words.append(w if content else -1)
             firsts.append(content and first)
             first = first and not content
     return ids, words, firsts
+
+
+def _spurious_marker(tokenizer: Any, tokens: list[int], offsets: list[tuple[int, int]]) -> bool:
+    """Whether the first token is a space marker the tokenizer added (blank or unknown, over the same
+    characters as the token after it)."""
+    if len(tokens) < 2 or tuple(offsets[0]) != tuple(offsets[1]):
+        return False
+    return tokens[0] == tokenizer.unk_token_id or not token_bytes(tokenizer, tokens[:1])[0].strip()
 
 
 @dataclass

@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from workbench.inputs import pad_token_id
 from workbench.token_text import word_token_ids
 
 __all__ = [
@@ -275,7 +276,7 @@ def encode_ioi(prompts: Sequence[IOIPrompt], tokenizer) -> IOIBatch:
         if len(c) != len(k):
             raise ValueError(f"clean and corrupted prompts differ in length: {p.clean!r} / {p.corrupted!r}")
     width = max(len(c) for c in clean)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    pad = pad_token_id(tokenizer)
 
     def padded(rows):
         return torch.tensor([r + [pad] * (width - len(r)) for r in rows], dtype=torch.long)

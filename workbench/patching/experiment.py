@@ -230,7 +230,7 @@ class PatchingExperiment:
         direction = check_direction(direction)
         _check_size("max_batch", max_batch, "rows per forward")
         _check_size("memory_budget", memory_budget, "bytes")
-        neuron_positions = positions if spec.name == "neurons" else None
+        neuron_positions = self._neuron_positions(spec, positions)
         if cells is None:
             cells = self.cells(spec.name, layer=layer, layers=layers, positions=positions)
         else:
@@ -238,7 +238,7 @@ class PatchingExperiment:
             self._check_cells(spec, cells)
         full = callable(metric)
         base, source = ("corrupted", "clean") if direction == "denoise" else ("clean", "corrupted")
-        self._prefetch(spec, cells)
+        self._prefetch(spec, cells, neuron_positions)
         raw = torch.full((len(cells),), self.baseline(metric, base), dtype=torch.float64)
         todo = [
             i for i, c in enumerate(cells) if not skip_identical or self._differs(spec, c, neuron_positions)
@@ -259,12 +259,12 @@ class PatchingExperiment:
             raw[chunk] = self.metric_values(metric, logits, full).cpu()
         return self._result(spec, metric, direction, normalize, "exact", cells, raw)
 
-    def _prefetch(self, spec: Component, cells: list[Cell]) -> None:
+    def _prefetch(self, spec: Component, cells: list[Cell], neuron_positions=None) -> None:
         """Cache everything a sweep reads from both runs in one forward each (not one per first use)."""
         layers = sorted({c[0] for c in cells})
         names = [f"blocks.{layer}.{spec.hook}" for layer in layers]
         names += [f"blocks.{layer}.hook_resid_pre" for layer in layers]
-        if "pos" in spec.axes and self.mask is None:
+        if ("pos" in spec.axes or neuron_positions is not None) and self.mask is None:
             names += [
                 f"blocks.{layer}.attn.{h}"
                 for layer in range(layers[0], self.model.cfg.n_layers)
@@ -331,8 +331,10 @@ class PatchingExperiment:
         base, source = ("corrupted", "clean") if direction == "denoise" else ("clean", "corrupted")
         order = sorted(range(len(chunk)), key=lambda i: chunk[i][0])
         cells = [chunk[i] for i in order]
-        start = self._suffix_start(spec, cells)
-        if start:
+        start = self._suffix_start(spec, cells, neuron_positions)
+        if start and spec.name == "neurons":
+            neuron_positions = [p - start for p in neuron_positions]
+        elif start:
             cells = [shift_cell(spec, c, start) for c in cells]
         joins = Counter(c[0] for c in cells)  # variants entering the batch at each layer, in layer order
         first = min(joins)
@@ -364,16 +366,27 @@ class PatchingExperiment:
         unsorted[order] = logits
         return unsorted.flatten(0, 1)
 
-    def _suffix_start(self, spec: Component, cells: list[Cell]) -> int:
+    def _suffix_start(self, spec: Component, cells: list[Cell], neuron_positions=None) -> int:
         """The first position any cell patches, where a position-indexed sweep can start (0 otherwise).
 
         Causal attention: positions before the patched one hold the base run's values in every layer, so
         only later positions are recomputed, attending to the base run's cached keys and values. Padded
-        batches (whose prompts end at different positions) always run whole.
+        batches (whose prompts end at different positions) always run whole. Neurons patched at chosen
+        positions start at the first of them.
         """
-        if "pos" not in spec.axes or self.mask is not None:
+        if self.mask is not None:
+            return 0
+        if spec.name == "neurons" and neuron_positions is not None:
+            return min(neuron_positions)
+        if "pos" not in spec.axes:
             return 0
         return min(c[1 + spec.axes.index("pos")] for c in cells)
+
+    def _neuron_positions(self, spec: Component, positions) -> list[int] | None:
+        """Where a neuron sweep patches each neuron (checked, non-negative); None: every position."""
+        if spec.name != "neurons" or positions is None:
+            return None
+        return sorted({self._check_pos(p) for p in positions})
 
     def patched_logits(
         self, component: str, cell: Cell, *, direction: str = "denoise", neuron_positions=None
@@ -382,6 +395,8 @@ class PatchingExperiment:
         spec = component_spec(component)
         cell = tuple(int(i) for i in cell)
         self._check_cells(spec, [cell])
+        neuron_positions = self._neuron_positions(spec, neuron_positions)
+        self._prefetch(spec, [cell], neuron_positions)
         return self._patched_logits(spec, [cell], check_direction(direction), False, neuron_positions)
 
     def predictions(

@@ -19,6 +19,7 @@ import re
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +28,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
+from workbench import executors
 from workbench.data.alignment import IGNORE, EncodedDataset, TokenLabelledDataset
 from workbench.identity import file_digest, model_identity
 
@@ -286,6 +288,7 @@ def harvest(
     dtype: torch.dtype = torch.float32,
     overwrite: bool = False,
     progress: bool = True,
+    executor: Any = None,
 ) -> Harvest:
     """Run ``model`` over ``data`` and store each labelled token's activation at every hook in ``folder``.
 
@@ -302,6 +305,10 @@ def harvest(
         are removed; a folder that holds any other file is refused. A harvest of the same model, data and
         hooks resumes where it stopped (after checking every finished shard's checksum), and a finished one
         is returned as it is.
+    executor: where the shards are computed: None runs them here, in order; a
+        :class:`workbench.executors.RayExecutor` runs them on Ray workers (one model replica each) that write
+        their shards into ``folder`` (a path every worker sees), recorded in the manifest with the worker's
+        name. The files are the same bytes either way.
     The model is identified by a hash of every weight (:func:`workbench.identity.model_identity`): a harvest
     never mixes the activations of two models. Hooks already attached to the model are recorded, and resuming
     with others attached warns (an observing hook changes nothing; an editing one would).
@@ -366,24 +373,23 @@ def harvest(
     total = sum(len(data.input_ids[i]) for i in range(len(data)))
     skipped = sum(len(data.input_ids[i]) for k in done for i in _shard_range(k, shard_sentences, len(data)))
     bar = tqdm(total=total, initial=skipped, unit="tok", desc="harvest", disable=not progress)
+    job = partial(
+        write_shard,
+        data=data,
+        folder=str(folder),
+        hooks=hooks,
+        stop=stop,
+        batch_size=batch_size,
+        shard_sentences=shard_sentences,
+        dtype=dtype,
+    )
+    todo = [k for k in range(n_shards) if k not in done]
     try:
-        for k in range(n_shards):
-            if k in done:
-                continue
-            sentences = _shard_range(k, shard_sentences, len(data))
-            tensors = _harvest_shard(model, data, sentences, hooks, stop, batch_size, dtype, bar)
-            name = f"shard-{k:05d}.safetensors"
-            _write_atomic(folder / name, lambda tmp, t=tensors: save_file(t, tmp))
-            manifest["shards"].append(
-                {
-                    "index": k,
-                    "file": name,
-                    "sentences": [sentences.start, sentences.stop],
-                    "tokens": int(tensors["labels"].shape[0]),
-                    "bytes": (folder / name).stat().st_size,
-                    "xxh3_128": file_digest(folder / name),
-                }
-            )
+        for _, record, worker in executors.resolve(executor).map(model, job, todo, bar.update):
+            if record["worker_tokens_seen"] and worker != "local":
+                bar.update(record["worker_tokens_seen"])
+            del record["worker_tokens_seen"]
+            manifest["shards"].append({**record, "worker": worker})
             manifest["shards"].sort(key=lambda shard: shard["index"])
             manifest["complete"] = len(manifest["shards"]) == n_shards
             _write_manifest(folder, manifest)
@@ -392,12 +398,34 @@ def harvest(
     return Harvest(folder, manifest)
 
 
+def write_shard(
+    model, k: int, progress, *, data, folder, hooks, stop, batch_size, shard_sentences, dtype
+) -> dict:
+    """Harvest shard `k` into `folder` (written atomically) and return its manifest record: the job an
+    executor runs, in this process or on a worker that sees the same folder."""
+    folder = Path(folder)
+    sentences = _shard_range(k, shard_sentences, len(data))
+    seen = []
+    tensors = _harvest_shard(model, data, sentences, hooks, stop, batch_size, dtype, progress or seen.append)
+    name = f"shard-{k:05d}.safetensors"
+    _write_atomic(folder / name, lambda tmp, t=tensors: save_file(t, tmp))
+    return {
+        "index": k,
+        "file": name,
+        "sentences": [sentences.start, sentences.stop],
+        "tokens": int(tensors["labels"].shape[0]),
+        "bytes": (folder / name).stat().st_size,
+        "xxh3_128": file_digest(folder / name),
+        "worker_tokens_seen": sum(seen),
+    }
+
+
 def _shard_range(k: int, shard_sentences: int, n: int) -> range:
     return range(k * shard_sentences, min((k + 1) * shard_sentences, n))
 
 
 def _harvest_shard(
-    model, data, sentences: range, hooks, stop, batch_size, dtype, bar
+    model, data, sentences: range, hooks, stop, batch_size, dtype, progress
 ) -> dict[str, torch.Tensor]:
     n_labelled = sum(1 for i in sentences for label in data.labels[i] if label != IGNORE)
     # The shard's buffers are allocated once and filled in place: no per-batch copies to concatenate later.
@@ -434,7 +462,7 @@ def _harvest_shard(
             columns["sentence"][span] = torch.tensor(indices)[rows]
             columns["position"][span] = cols
             at["row"] += len(rows)
-            bar.update(int(batch["attention_mask"].sum()))
+            progress(int(batch["attention_mask"].sum()))
     if at["row"] != n_labelled or set(out) != set(hooks):
         raise RuntimeError(
             f"Harvest shard filled {at['row']} of {n_labelled} rows; hooks seen: {sorted(out)}."
