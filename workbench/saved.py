@@ -1,6 +1,6 @@
 """Results saved as two small JSON files: the per-pair values, and the metadata that says what they are.
 
-`save_result(path, meta, values)` writes `path` (the values, pandas' "split" JSON: exact float64 round trip)
+`save_result(path, kind, meta, values)` writes `path` (the values: columns and rows, floats exact)
 and `path` with ".meta.json" (model identity, prompts, answers, metric, component, direction, versions).
 No pickle and no model: a result is kilobytes and loads without the model.
 """
@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import platform
-from io import StringIO
 from pathlib import Path
 from typing import Any
 
@@ -39,7 +38,9 @@ def save_result(path: str | Path, kind: str, meta: dict[str, Any], values: pd.Da
     if path.suffix != ".json":
         raise ValueError(f"Save to a .json path (got {path.name!r}); the metadata goes next to it.")
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(values.to_json(orient="split", index=False, double_precision=17))
+    # json (not pandas' to_json, which keeps 15 digits): Python floats round-trip exactly.
+    split = values.to_dict(orient="split", index=False)
+    path.write_text(json.dumps({"columns": split["columns"], "data": split["data"]}))
     meta = {"kind": kind, **meta, "versions": versions(), "values_file": path.name}
     meta_path(path).write_text(json.dumps(meta, indent=1))
     return path
@@ -52,7 +53,7 @@ def load_result(path: str | Path) -> tuple[str, dict[str, Any], pd.DataFrame]:
             f"{path} and {meta_path(path).name} must both exist (a result is saved as those two files)."
         )
     meta = json.loads(meta_path(path).read_text())
-    values = pd.read_json(StringIO(path.read_text()), orient="split", precise_float=True)
+    values = pd.DataFrame(**json.loads(path.read_text()))
     return meta.pop("kind"), meta, values
 
 

@@ -75,3 +75,19 @@ def method_note(n_pairs: int, resamples: int = RESAMPLES, confidence: float = CO
         f"({resamples} resamples of pairs); two-sided sign-flip test of mean effect = 0 ({resamples} random "
         "sign flips, p = (extreme + 1) / (resamples + 1))"
     )
+
+
+def bootstrap_ratio_ci(
+    numerator: torch.Tensor,
+    denominator: torch.Tensor,
+    resamples: int = RESAMPLES,
+    confidence: float = CONFIDENCE,
+) -> tuple[float, float]:
+    """Percentile bootstrap interval of mean(numerator) / mean(denominator), resampling pairs together."""
+    n = numerator.shape[0]
+    generator = torch.Generator().manual_seed(2)
+    draws = torch.randint(0, n, (resamples, n), generator=generator)
+    ratios = numerator.double()[draws].mean(1) / denominator.double()[draws].mean(1)
+    alpha = (1 - confidence) / 2
+    low, high = torch.quantile(ratios, torch.tensor([alpha, 1 - alpha], dtype=torch.float64))
+    return float(low), float(high)
