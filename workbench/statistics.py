@@ -40,7 +40,7 @@ def sign_flip_p(values: torch.Tensor, resamples: int = RESAMPLES, seed: int = 1)
     observed = values.mean(1).abs()
     flipped = (values @ signs.T / n).abs()  # [cells, resamples]
     extreme = (flipped >= observed[:, None] - 1e-12).sum(1)
-    return (extreme + 1) / (resamples + 1)
+    return (extreme.double() + 1) / (resamples + 1)
 
 
 def summary(values: torch.Tensor, resamples: int = RESAMPLES, confidence: float = CONFIDENCE) -> pd.DataFrame:
