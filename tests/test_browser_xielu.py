@@ -14,7 +14,7 @@ def run_xielu_notebook_and_change_layer(lab) -> None:
     lab.run_all(timeout_s=180)
 
     explorer = lab.page.locator(".wb-xielu-explorer").first
-    plot = explorer.locator(".wb-xielu-curve.js-plotly-plot").first
+    plot = explorer.locator(".wb-xielu-curve .js-plotly-plot").first
     curve = plot.locator("g.scatterlayer path.js-line").first  # the learned curve's first regime
     curve.wait_for(timeout=60_000)
     plot.scroll_into_view_if_needed()

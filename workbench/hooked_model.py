@@ -24,7 +24,7 @@ from torch import nn
 from transformer_lens import ActivationCache
 from transformer_lens.HookedRootModule import HookedRootModule
 
-from workbench import inputs
+from workbench import generation, inputs
 from workbench.hooked_parts import AttentionMask, CheckedHookPoint, HookedBlock, HookedRMSNorm
 from workbench.inputs import Input
 from workbench.model_surface import ModelSurface
@@ -298,6 +298,10 @@ class HookedApertus(ModelSurface, HookedRootModule):
         if return_cache_object:
             cache = ActivationCache(cache, self, has_batch_dim=not remove_batch_dim)
         return out, cache
+
+    def generate(self, input: Input, max_new_tokens: int = 20, **kwargs) -> Any:
+        """Generate with a KV cache, every hook firing at every step: `workbench.generation.generate`."""
+        return generation.generate(self, input, max_new_tokens, **kwargs)
 
     def _apply(self, fn, recurse=True):
         result = super()._apply(fn, recurse)  # .to()/.cuda() move hf_model's parameters in place

@@ -41,7 +41,7 @@ import plotly.graph_objects as go
 import torch
 from tqdm.auto import tqdm
 
-from workbench import executors
+from workbench import executors, figures
 from workbench.hooked_model import HookedApertus
 from workbench.names import act_name
 
@@ -688,7 +688,7 @@ def xielu_figure(model: HookedApertus, layer: int, stats: XIELUStatistics | None
     layer's pre-activations over the dataset as a histogram on a second axis, coloured by regime."""
     model.check_layer(layer)
     params = curve_table(model).loc[layer]
-    fig = go.Figure()
+    fig = figures.figure()
     if stats is not None:
         hist = stats.histogram(layer)
         low, high = float(hist.left.iloc[0]), float(hist.right.iloc[-1])
@@ -753,7 +753,6 @@ def xielu_figure(model: HookedApertus, layer: int, stats: XIELUStatistics | None
         legend={"orientation": "h", "y": -0.25},
         height=460,
         margin={"t": 80},
-        template="plotly_white",
     )
     return fig
 
@@ -764,7 +763,7 @@ def regime_share_figure(stats: XIELUStatistics, kind: str = "activations") -> go
     if kind not in ("activations", "output"):
         raise ValueError(f"kind must be 'activations' or 'output', not {kind!r}.")
     table = stats.regime_shares() if kind == "activations" else stats.output_shares()
-    fig = go.Figure()
+    fig = figures.figure()
     for regime in REGIMES:
         fig.add_bar(
             x=[f"L{la}" for la in table.index],
@@ -779,6 +778,5 @@ def regime_share_figure(stats: XIELUStatistics, kind: str = "activations") -> go
         yaxis_tickformat=".0%",
         xaxis_title="layer",
         height=360,
-        template="plotly_white",
     )
     return fig

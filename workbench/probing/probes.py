@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from sklearn.metrics import confusion_matrix, f1_score
 from tqdm.auto import tqdm
 
+from workbench import figures
 from workbench.data.alignment import IGNORE
 from workbench.probing.harvest import COLUMNS, Harvest
 
@@ -150,33 +151,24 @@ class ProbeResult:
     def confusion_figure(self, layer: int | str) -> go.Figure:
         frame = self.confusion(layer)
         share = frame.div(frame.sum(axis=1).clip(lower=1), axis=0)
-        fig = go.Figure(
-            go.Heatmap(
-                z=share.values,
-                x=list(frame.columns),
-                y=list(frame.index),
-                colorscale="Blues",
-                zmin=0,
-                zmax=1,
-                text=frame.values,
-                texttemplate="%{text}",
-                hovertemplate="gold %{y}, predicted %{x}: %{text}<extra></extra>",
-            )
-        )
-        fig.update_layout(
+        return figures.heatmap(
+            share.values,
+            x=[figures.escape_label(c) for c in frame.columns],
+            y=[figures.escape_label(c) for c in frame.index],
+            zmin=0,
+            zmax=1,
+            text=frame.values,
+            hover="gold %{y}, predicted %{x}: %{text}<extra></extra>",
             title=f"Confusion at {self.hooks[self.index(layer)]} (test set; colour = share of the gold row)",
-            xaxis_title="predicted",
-            yaxis_title="gold",
-            yaxis_autorange="reversed",
-            height=420,
+            x_title="predicted",
+            y_title="gold",
         )
-        return fig
 
     def figure(self, title: str | None = None) -> go.Figure:
         """Test accuracy by layer, with the control task, selectivity and the majority baseline."""
         t = self.table
         x = t["layer"] if t["layer"].is_unique else t["hook"]
-        fig = go.Figure()
+        fig = figures.figure()
         fig.add_scatter(x=x, y=t["accuracy"], mode="lines+markers", name="probe accuracy")
         fig.add_scatter(
             x=x,
@@ -193,7 +185,7 @@ class ProbeResult:
             y=t["majority_baseline"],
             mode="lines",
             name="majority baseline",
-            line={"color": "grey", "dash": "longdash"},
+            line={"color": figures.NEUTRAL, "dash": "longdash"},
         )
         fig.update_layout(
             title=title or "Linear probe accuracy by layer (test split)",
