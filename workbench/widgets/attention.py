@@ -52,7 +52,7 @@ class AttentionExplorer:
     def __init__(
         self,
         model: HookedApertus,
-        prompt: str | None = None,
+        prompt: str | torch.Tensor | None = None,
         *,
         layer: int = 0,
         head: int = 0,
@@ -73,7 +73,7 @@ class AttentionExplorer:
         cfg = model.cfg
 
         self.prompt_box = widgets.Textarea(
-            value=prompt or "",
+            value=prompt if isinstance(prompt, str) else "",
             placeholder="Type a prompt, then press Run",
             layout=widgets.Layout(width="100%", height="4em"),
         )
@@ -140,7 +140,7 @@ class AttentionExplorer:
         )
         self.widget.add_class("wb-attention-explorer")
         self._refresh_kv_label()
-        if prompt:
+        if prompt is not None:  # a token tensor has no truth value: test for None, not emptiness
             self.run(prompt)
 
     # ------------------------------------------------------------------------------------------- public
