@@ -184,6 +184,15 @@ def test_bpe_patching_cell_equals_a_hand_patched_run(bpe_model):
     table = result.table
     assert len(table) == model.cfg.n_layers * a.shape[1] and table.token.iloc[1] == model.to_str_tokens(a)[1]
 
+    from workbench.widgets.patching import PatchingView
+
+    view = PatchingView(exp)  # the same sweep, cached by the view; a cell shows its patched predictions
+    assert view.result.grid().equal(grid)
+    predictions = view.select((layer, pos))
+    with torch.no_grad():
+        hand = model.run_with_hooks(b, fwd_hooks=[(act_name("resid_pre", layer), put)])[0, -1]
+    assert predictions.patched.iloc[0] == model.to_str_tokens([int(hand.argmax())])[0]
+
 
 def test_bpe_probe_harvest_train_export_reload(bpe_model, tmp_path):
     import warnings
@@ -221,6 +230,11 @@ def test_bpe_probe_harvest_train_export_reload(bpe_model, tmp_path):
     torch.testing.assert_close(out[labelled], probe_logits, atol=1e-4, rtol=1e-4)
     assert (out[labelled].argmax(-1) == result.predict(features[last], layer)).all()
 
+    from workbench.widgets.probing import ProbeView
+
+    view = ProbeView(model, result, encoded, sentence=2, layer=layer)
+    assert view.model_runs == 1 and "<span" in view.html.value
+
 
 def test_bpe_lens_table_trajectory_and_dla(bpe_model, multi_tokens):
     from workbench import lens
@@ -250,6 +264,12 @@ def test_bpe_lens_table_trajectory_and_dla(bpe_model, multi_tokens):
     assert dla.attrs["total"] == pytest.approx(direct, abs=1e-4)
     assert dla.attribution.sum() == pytest.approx(direct, abs=1e-3)
     assert len(dla) == 1 + model.cfg.n_layers * (model.cfg.n_heads + 1)
+
+    from workbench.widgets.lens import LensExplorer
+
+    explorer = LensExplorer(model, MULTI, answer=" Paris", wrong=" Rom", k=2)
+    assert explorer.table.attrs["total"] == pytest.approx(direct, abs=1e-4)
+    assert len(explorer.lens.data) == 1 and "sum to" in explorer.status.value
 
 
 def test_bpe_xielu_statistics_and_explorer(bpe_model):
