@@ -193,11 +193,12 @@ class XIELUStatistics:
     outside: np.ndarray  # [L, 2] counts below / above the edges
     counts: np.ndarray  # [L, N, R] activations of each neuron in each regime
     post_abs: np.ndarray  # [L, N, R] sum of |post-activation| of each neuron in each regime
-    output_norm: np.ndarray  # [L, R] sum over tokens of ||down_proj(post masked to the regime)||
+    # [L, R] sum over tokens of ||down_proj(post masked to the regime)||: two regimes projected, the
+    # positive one as the MLP output minus them (linearity)
+    output_norm: np.ndarray
     top_values: np.ndarray  # [L, N, K] largest pre-activations, descending (NaN = empty slot)
-    top_context: (
-        np.ndarray
-    )  # [L, N, K, C] token ids around each (-1 = none); the token is at `context_before`
+    # [L, N, K, C] int32 token ids around each (-1 = none); the token is at `context_before`
+    top_context: np.ndarray
     bottom_values: np.ndarray  # [L, N, K] most negative pre-activations, ascending
     bottom_context: np.ndarray  # [L, N, K, C]
     top_where: np.ndarray  # [L, N, K, 2] (prompt index, position)
