@@ -125,18 +125,11 @@ class Lab:
         self.token = token
         self.output_dir = output_dir
 
-    def open_notebook(self, name: str, timeout_s: float = 60, *, kernel: bool = True) -> None:
-        """Open notebooks/<name> and wait until its kernel has started and is idle (`kernel=False`: until the
-        notebook is shown; a kernel-selection dialog is answered "No Kernel")."""
+    def open_notebook(self, name: str, timeout_s: float = 60) -> None:
+        """Open notebooks/<name> and wait until its kernel has started and is idle."""
         self.page.goto(f"{self.base_url}/lab/tree/{name}?token={self.token}", timeout=timeout_s * 1000)
         self.page.locator(".jp-NotebookPanel .jp-Notebook .jp-Cell").first.wait_for(timeout=timeout_s * 1000)
-        if kernel:
-            self.wait_for_idle(timeout_s)
-            return
-        no_kernel = self.page.locator(".jp-Dialog button", has_text="No Kernel")
-        with suppress(Exception):  # the dialog may not come: then there is nothing to answer
-            no_kernel.first.wait_for(timeout=10_000)
-            no_kernel.first.click()
+        self.wait_for_idle(timeout_s)
 
     def kernel_status(self) -> str:
         """The status bar's kernel item, e.g. 'Python 3 (ipykernel) | Idle'."""
@@ -215,8 +208,11 @@ def jupyter_lab(
     output_dir: Path | None = None,
     root_dir: Path = NOTEBOOKS,
     viewport: tuple[int, int] = (1400, 1000),
+    user_settings: dict[str, dict] | None = None,
 ) -> Iterator[Lab]:
-    """JupyterLab on 127.0.0.1 with a token, and a headless chromium page on it (see the module docstring)."""
+    """JupyterLab on 127.0.0.1 with a token, and a headless chromium page on it (see the module docstring).
+
+    `user_settings`: settings by plugin path, e.g. {"@jupyterlab/notebook-extension/tracker": {...}}."""
     require_chromium()
     from playwright.sync_api import sync_playwright
 
@@ -227,6 +223,10 @@ def jupyter_lab(
     notification = settings / "@jupyterlab" / "apputils-extension" / "notification.jupyterlab-settings"
     notification.parent.mkdir(parents=True, exist_ok=True)
     notification.write_text(json.dumps({"fetchNews": "false", "checkForUpdates": False}))
+    for plugin, values in (user_settings or {}).items():
+        path = settings / f"{plugin}.jupyterlab-settings"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(values))
     for folder in ("workspaces", "runtime", "config", "profile"):
         (home / folder).mkdir(parents=True, exist_ok=True)
 
