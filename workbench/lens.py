@@ -31,7 +31,6 @@ from transformer_lens.ActivationCache import ActivationCache
 from workbench import figures
 from workbench.hooked_model import HookedApertus, Input
 from workbench.names import act_name, resid_labels, resid_names
-from workbench.vocabulary import check_known
 
 TokenLike = int | str
 
@@ -527,9 +526,7 @@ def _check_position(position: int, length: int) -> int:
 
 def _token_id(model: HookedApertus, token: TokenLike) -> int:
     if isinstance(token, str):
-        token_id = model.to_single_token(token)
-        check_known(model, token, token_id)
-        return token_id
+        return model.to_single_token(token)  # refuses texts that become the unknown token
     if isinstance(token, int) and not isinstance(token, bool) and 0 <= token < model.cfg.d_vocab:
         return token
     raise ValueError(
