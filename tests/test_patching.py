@@ -413,7 +413,7 @@ def test_table_and_figure_carry_tokens_and_kv_groups(random_model, tokens):
     resid = experiment.run("resid_pre", "logit_diff", progress=False)
     table = resid.table
     assert list(table.columns)[:5] == ["layer", "pos", "token", "value", "raw"]
-    assert table["token"].tolist()[:10] == random_model.to_str_tokens(clean[0])
+    assert table["token"].tolist()[:10] == random_model.token_labels(clean[0])
     fig = resid.figure()
     assert len(fig.data[0].z) == 3 and len(fig.data[0].z[0]) == 10 and fig.data[0].x[4] == "4: w9"
     k = experiment.run("k", "logit_diff", progress=False).table

@@ -329,7 +329,6 @@ def _explorer_labels(model, tokens) -> list[str]:
     return list(explorer.figure.layout.xaxis.ticktext)
 
 
-@pytest.mark.xfail(reason="views label tokens with to_str_tokens, not model.token_labels (see the report)")
 def test_bpe_views_show_token_labels(bpe_model, multi_tokens):
     from workbench import lens
     from workbench.token_text import escape_labels

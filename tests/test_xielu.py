@@ -164,7 +164,7 @@ def test_examples_point_at_the_right_tokens(random_model, stats_and_reference):
         table = stats.examples(layer, neuron, which)
         assert len(table) == 5
         for row in table.itertuples():
-            tokens = random_model.to_str_tokens(PROMPTS[row.prompt])
+            tokens = random_model.token_labels(random_model.to_tokens(PROMPTS[row.prompt])[0])
             assert row.token == tokens[row.position] == row.context[row.focus]
             assert row.context == tokens[max(0, row.position - stats.context_before) : row.position + 3]
             index = where.index((row.prompt, row.position))

@@ -110,7 +110,7 @@ def cache_attention(model: HookedApertus, prompt: str | torch.Tensor | Sequence[
     return PromptAttention(
         tokens=tokens.detach().cpu(),
         # A token-only model (no tokenizer) labels positions by token id.
-        str_tokens=model.to_str_tokens(tokens) if model.tokenizer else [str(t) for t in tokens.tolist()],
+        str_tokens=model.token_labels(tokens) if model.tokenizer else [str(t) for t in tokens.tolist()],
         # The model's dtype, not float32: at Apertus-8B widths a 4,096-token prompt is 1.3 GB in bf16.
         queries=tuple(cache[_rot_name(layer, "q")][0].cpu() for layer in range(model.cfg.n_layers)),
         keys=tuple(cache[_rot_name(layer, "k")][0].cpu() for layer in range(model.cfg.n_layers)),

@@ -21,6 +21,8 @@ import plotly.graph_objects as go
 import plotly.io as pio
 from plotly.subplots import make_subplots
 
+from workbench.token_text import escape_label  # the one escaping rule, re-exported for figures
+
 # ------------------------------------------------------------------------------------------------- palette
 SEQUENTIAL = "Blues"  # magnitudes 0..max: attention, probabilities, scores
 DIVERGING = "RdBu"  # signed values centred on 0: patching, attributions
@@ -58,11 +60,6 @@ def heatmap_height(n_rows: int, *, row_px: int = ROW_PX, chrome_px: int = CHROME
 
 
 # ---------------------------------------------------------------------------------------------- labels
-def escape_label(text: str) -> str:
-    """Text safe inside a plotly label or HTML: plotly reads `<s>` as a tag and `&lt;` as an entity."""
-    return html.escape(str(text), quote=False)
-
-
 def token_labels(tokens: Sequence[str], positions: Sequence[int] | None = None) -> list[str]:
     """Axis labels `"position: token"` (unique even when a token repeats), escaped for plotly."""
     positions = range(len(tokens)) if positions is None else positions

@@ -184,8 +184,9 @@ def logit_lens_table(model: HookedApertus, prompt: str | torch.Tensor, k: int = 
     top_logit, top_id, log_norm = logit_lens_topk(model, tokens, k)
     top_logit, top_id, log_norm = top_logit[:, 0], top_id[:, 0], log_norm[:, 0]
     top_p = (top_logit - log_norm[..., None]).exp()
-    labels, here = layer_labels(model), model.to_str_tokens(tokens[0])
-    texts = {t: model.token_text(t) for t in top_id.unique().tolist()}
+    labels, here = layer_labels(model), model.token_labels(tokens[0])
+    unique = top_id.unique().tolist()
+    texts = dict(zip(unique, model.token_labels(unique)))
     rows = []
     for li, label in enumerate(labels):
         for pos in range(tokens.shape[1]):

@@ -152,7 +152,7 @@ def neuron_output_tokens(model: HookedApertus, layer: int, neuron: int, k: int =
                 {
                     "kind": kind,
                     "rank": rank,
-                    "token": model.token_text(token),
+                    "token": model.token_labels([token])[0],
                     "token_id": token,
                     "logit": logit,
                 }
@@ -595,7 +595,7 @@ class _Accumulator:
         self.edges[layer] = np.linspace(low, high, self.bins + 1)
 
     def result(self, model) -> XIELUStatistics:
-        vocab = [model.token_text(i) for i in range(model.cfg.d_vocab)]
+        vocab = model.token_labels(range(model.cfg.d_vocab))  # each token on its own (partial bytes as hex)
         return XIELUStatistics(
             params=self.params,
             layers=list(self.layers),

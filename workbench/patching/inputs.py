@@ -52,7 +52,7 @@ def last_positions(tokens: torch.Tensor, mask: torch.Tensor | None) -> torch.Ten
 def str_tokens(model: HookedApertus, ids: torch.Tensor) -> list[str]:
     if model.tokenizer is None:  # a token-only model (random_apertus without a tokenizer)
         return [str(int(i)) for i in ids]
-    return model.to_str_tokens(ids.flatten())
+    return model.token_labels(ids.flatten())
 
 
 def pair_tokens(model: HookedApertus, clean: Prompts, corrupted: Prompts, attention_mask):

@@ -157,7 +157,7 @@ def feature_statistics(
             acts = sae.encode(captured.pop("x").to(sae.device)).float()
         valid = replaced_positions(msk, skip_bos)
         acc.add(tok, msk, valid, acts.cpu())
-    token_text = model.to_str_tokens(list(range(model.cfg.d_vocab)))
+    token_text = model.token_labels(range(model.cfg.d_vocab))
     return acc.result(token_text)
 
 
@@ -286,7 +286,7 @@ def feature_output_tokens(
     rows = []
     for kind, sign in (("promoted", 1), ("suppressed", -1)):
         values, ids = best[kind]
-        texts = model.to_str_tokens(ids.tolist())
+        texts = model.token_labels(ids.tolist())
         for rank, (value, token, text) in enumerate(zip(values.tolist(), ids.tolist(), texts)):
             rows.append({"kind": kind, "rank": rank, "token": text, "token_id": token, "logit": sign * value})
     return pd.DataFrame(rows)

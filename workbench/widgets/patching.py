@@ -178,4 +178,4 @@ def _tokens(experiment: PatchingExperiment, run: str, prompt: int) -> list[str]:
     model = experiment.model
     if model.tokenizer is None:
         return [str(int(i)) for i in ids]
-    return model.to_str_tokens(torch.as_tensor(ids))
+    return model.token_labels(torch.as_tensor(ids))

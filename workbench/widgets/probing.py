@@ -55,7 +55,7 @@ def probe_sentence_html(
         sentence_predictions(model, result, data, sentence)[hook] if probabilities is None else probabilities
     )
     confidence, predicted = probs.max(-1)
-    tokens = model.to_str_tokens(torch.tensor(data.input_ids[sentence]))
+    tokens = model.token_labels(data.input_ids[sentence])
     labels = data.labels[sentence]
     shown, values, marked, titles = [], [], [], []
     right = total = 0
