@@ -32,7 +32,6 @@ test: setup chromium
 lint: setup
 	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .
 
+# Every benchmark in benchmarks/ (each prints a table and writes benchmarks/results/<name>.json).
 benchmarks: setup
-	$(PY) benchmarks/overhead.py
-	$(PY) benchmarks/patching.py
-	$(PY) benchmarks/probing.py
+	@for b in $(filter-out benchmarks/common.py,$(wildcard benchmarks/*.py)); do echo "== $$b"; $(PY) $$b || exit 1; done
