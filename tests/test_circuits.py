@@ -329,3 +329,18 @@ def test_edge_attribution_equals_transformer_lens_definition_on_the_bridge(mha_c
         assert ours.scores[i].item() == pytest.approx(theirs, abs=1e-4), (row.sender, row.receiver)
         compared += 1
     assert compared > 50 and ours.scores.abs().max() > 1e-3
+
+
+def test_the_circuit_view_follows_its_controls(random_model, experiment):
+    from workbench.widgets.circuits import CircuitView
+
+    graph = Graph(random_model.cfg)
+    eap = edge_attribution(experiment)
+    view = CircuitView(eap, graph, count=15)
+    assert len(view.circuit.edges) == 15
+    view.count.value = 5
+    assert len(view.circuit.edges) == 5 and view.circuit.edges == Circuit.top(eap, graph, count=5).edges
+    view.inputs.value = ("k", "v")
+    receivers = {r.name: r.kind for r in graph.receivers}
+    assert {receivers[r] for _, r in view.circuit.edges} <= {"k", "v"}
+    assert {t.name for t in view.figure.data} - {"nodes"} <= {"k", "v"}
