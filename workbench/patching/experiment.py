@@ -96,6 +96,11 @@ class PatchingExperiment:
     def cells(self, component: str, *, layer=None, layers=None, positions=None) -> list[Cell]:
         """Every cell of a component's sweep (neurons: of `layer`; restricted to `layers`/`positions`)."""
         spec = component_spec(component)
+        for what, given in (("layers", layers), ("positions", positions)):
+            if given is not None and len(given) == 0:
+                raise ValueError(
+                    f"{what}=[] selects nothing to patch: pass None for all {what}, or at least one."
+                )
         return sweeps.plan_cells(
             self.model, self.n_pos, spec, layer=layer, layers=layers, positions=positions
         )
@@ -128,6 +133,8 @@ class PatchingExperiment:
         """
         spec, metric = component_spec(component), metrics.check_metric(metric, self.pairs)
         direction = check_direction(direction)
+        _check_size("max_batch", max_batch, "rows per forward")
+        _check_size("memory_budget", memory_budget, "bytes")
         neuron_positions = positions if spec.name == "neurons" else None
         if cells is None:
             cells = self.cells(spec.name, layer=layer, layers=layers, positions=positions)
@@ -251,6 +258,13 @@ class PatchingExperiment:
             for s in specs
         }
         return results[specs[0].name] if single else results
+
+
+def _check_size(what: str, value: Any, unit: str) -> None:
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+        raise ValueError(
+            f"{what}={value!r}: give a whole number of {unit}, at least 1, or None for the default."
+        )
 
 
 def _texts(prompts: Prompts) -> list[str] | None:

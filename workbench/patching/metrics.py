@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import difflib
+from typing import Any
 
 import torch
 
@@ -45,7 +46,7 @@ def per_pair_values(metric: Metric, logits: torch.Tensor, full: bool, runs: Refe
     if callable(metric):
         values = []
         for start in range(0, logits.shape[0], b):
-            value = torch.as_tensor(metric(logits[start : start + b]), dtype=torch.float64)
+            value = _metric_value(metric(logits[start : start + b]))
             if value.ndim > 1 or (value.ndim == 1 and value.shape[0] != b):
                 raise ValueError(
                     f"The metric returned shape {tuple(value.shape)}: return a scalar or one value per "
@@ -71,3 +72,23 @@ def per_pair_values(metric: Metric, logits: torch.Tensor, full: bool, runs: Refe
 def metric_values(metric: Metric, logits: torch.Tensor, full: bool, runs: ReferenceRuns) -> torch.Tensor:
     """The metric of each variant (the mean over prompt pairs); differentiable, for attribution."""
     return per_pair_values(metric, logits, full, runs).mean(1)
+
+
+def _metric_value(value: Any) -> torch.Tensor:
+    """A custom metric's return value as float64, refused when it is not a finite number (or numbers)."""
+    if (
+        isinstance(value, str)
+        or not isinstance(value, (int, float, torch.Tensor))
+        and not hasattr(value, "__array__")
+    ):
+        raise TypeError(
+            f"The metric returned {type(value).__name__} {value!r:.60}: return a number or a tensor (a "
+            "scalar or one value per prompt) computed from the logits."
+        )
+    value = torch.as_tensor(value, dtype=torch.float64)
+    if not bool(torch.isfinite(value).all()):
+        raise ValueError(
+            f"The metric returned {value.tolist()}: not a finite number, so no patching effect can be "
+            "measured. Check it on the unpatched logits (e.g. a log of 0, a division by a zero difference)."
+        )
+    return value
