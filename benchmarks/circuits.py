@@ -3,7 +3,7 @@
     python benchmarks/circuits.py                # writes benchmarks/results/circuits.json
     python benchmarks/circuits.py --repeats 3 --threads 2
 
-A random 8-layer GQA model (4 query / 2 KV heads, d_model 64: 1,405 edges), 2 prompt pairs of 10 random
+A random 8-layer GQA model (8 query / 4 KV heads, d_model 256: 4,557 edges), 2 prompt pairs of 10 random
 tokens with 3 changed from the middle on. In the same process: exact edge patching of every edge (batched),
 EAP (one forward and backward), EAP-IG (8 steps); timings interleaved, and the rank (Spearman) and Pearson
 correlation of each estimate with the exact scores.
