@@ -139,6 +139,21 @@ def directional_derivative(model, experiment, sender, receiver, kind, layer, hea
     s = torch.zeros((), dtype=model.cfg.dtype, requires_grad=True)
     if kind in ("q", "k", "v"):
         logits = by_hand(model, base, None, source_cache, base_cache, sender, receiver, layer, kind, head, s)
+    elif kind == "mlp":  # the MLP's input: ln2 normalises resid_mid + s * delta
+        delta = sender_output(model, source_cache, sender) - sender_output(model, base_cache, sender)
+        norm, kept = model.blocks[layer].ln2, {}
+
+        def keep(act, hook):
+            kept["mid"] = act
+
+        def renorm(act, hook):
+            x = (kept["mid"] + s * delta).float()
+            return (x / torch.sqrt(x.pow(2).mean(-1, keepdim=True) + norm.norm.variance_epsilon)).to(
+                act.dtype
+            )
+
+        hooks = [(act_name("resid_mid", layer), keep), (act_name("normalized", layer, "ln2"), renorm)]
+        logits = model.run_with_hooks(base, fwd_hooks=hooks)
     else:  # the logits' input
         delta = sender_output(model, source_cache, sender) - sender_output(model, base_cache, sender)
         final = act_name("resid_post", model.cfg.n_layers - 1)
@@ -163,6 +178,8 @@ def test_edge_attribution_is_the_directional_derivative_on_keys_values_and_queri
         ("MLP0", "L1KV0.k", "k", 1, 0),
         ("embed", "L2H3.q", "q", 2, 3),
         ("L1H0", "logits", "logits", 3, -1),
+        ("L2H1", "MLP2", "mlp", 2, -1),
+        ("embed", "MLP1", "mlp", 1, -1),
     ]
     for sender, receiver, kind, layer, head in cases:
         derivative = directional_derivative(
@@ -246,3 +263,84 @@ def test_results_save_and_load_equal_and_small(tmp_path, experiment):
     assert b"pickle" not in path.read_bytes()
     with pytest.raises(ValueError, match="not a patching result"):
         PatchResult.load(edge_path)
+
+
+# ------------------------------------------------------------------------------------- TransformerLens
+@pytest.fixture(scope="module")
+def mha_checkpoint(tmp_path_factory):
+    from workbench.checkpoint.synthetic import make_random_checkpoint
+
+    folder = tmp_path_factory.mktemp("random-mha")
+    return make_random_checkpoint(folder, layers=2, d_model=64, heads=4, kv_heads=4)
+
+
+def test_edge_attribution_equals_transformer_lens_definition_on_the_bridge(mha_checkpoint):
+    """TransformerLens 4.3 has no edge attribution for the bridge, so its definition (Syed et al.'s EAP
+    code: (clean - corrupted sender output) . gradient at the receiver's split input hook) is computed here
+    with the bridge's own hooks: hook_q_input/hook_k_input/hook_v_input (use_split_qkv_input) and
+    ln_final.hook_in. MLP edges are not compared: the bridge's hook_mlp_in is not a separate copy of the
+    residual stream, so its gradient includes the residual path; they are checked against the
+    directional derivative above instead."""
+    from transformer_lens.model_bridge import TransformerBridge
+
+    model = workbench.load(mha_checkpoint)
+    bridge = TransformerBridge.boot_transformers(str(mha_checkpoint), device="cpu")
+    bridge.set_use_split_qkv_input(True)
+    clean, corrupted = model.to_tokens(CLEAN), model.to_tokens(CORRUPTED)
+    ours = edge_attribution(
+        PatchingExperiment(model, clean, corrupted, ANSWERS), "logit_diff", normalize=False
+    )
+    with torch.no_grad():
+        _, clean_cache = bridge.run_with_cache(clean)
+        _, corrupted_cache = bridge.run_with_cache(corrupted)
+    grads = {}
+
+    def keep(act, hook):
+        act.register_hook(lambda g, name=hook.name: grads.__setitem__(name, g.detach()))
+
+    names = [f"blocks.{la}.attn.hook_{x}_input" for la in range(2) for x in "qkv"] + ["ln_final.hook_in"]
+    with torch.enable_grad():
+        logits = bridge.run_with_hooks(corrupted, fwd_hooks=[(n, keep) for n in names])
+        ids = torch.tensor([[model.to_single_token(a), model.to_single_token(b)] for a, b in ANSWERS])
+        last = logits[:, -1]
+        (last.gather(1, ids[:, :1]) - last.gather(1, ids[:, 1:])).mean().backward()
+
+    def output(cache, name):
+        if name == "embed":
+            return cache["hook_embed"]
+        if name.startswith("MLP"):
+            return cache[f"blocks.{int(name[3:])}.hook_mlp_out"]
+        layer, head = (int(x) for x in name[1:].split("H"))
+        return cache[f"blocks.{layer}.attn.hook_z"][:, :, head] @ bridge.blocks[layer].attn.W_O[head]
+
+    def gradient(receiver):
+        if receiver == "logits":
+            return grads["ln_final.hook_in"]
+        head_part, kind = receiver.split(".")
+        layer, head = (int(x) for x in head_part[1:].replace("KV", "H").split("H"))
+        return grads[f"blocks.{layer}.attn.hook_{kind}_input"][:, :, head]
+
+    compared = 0
+    for i, row in ours.rows.iterrows():
+        if row.input == "mlp":
+            continue
+        delta = output(clean_cache, row.sender) - output(corrupted_cache, row.sender)
+        theirs = (delta * gradient(row.receiver)).sum().item()
+        assert ours.scores[i].item() == pytest.approx(theirs, abs=1e-4), (row.sender, row.receiver)
+        compared += 1
+    assert compared > 50 and ours.scores.abs().max() > 1e-3
+
+
+def test_the_circuit_view_follows_its_controls(random_model, experiment):
+    from workbench.widgets.circuits import CircuitView
+
+    graph = Graph(random_model.cfg)
+    eap = edge_attribution(experiment)
+    view = CircuitView(eap, graph, count=15)
+    assert len(view.circuit.edges) == 15
+    view.count.value = 5
+    assert len(view.circuit.edges) == 5 and view.circuit.edges == Circuit.top(eap, graph, count=5).edges
+    view.inputs.value = ("k", "v")
+    receivers = {r.name: r.kind for r in graph.receivers}
+    assert {receivers[r] for _, r in view.circuit.edges} <= {"k", "v"}
+    assert {t.name for t in view.figure.data} - {"nodes"} <= {"k", "v"}
