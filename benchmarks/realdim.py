@@ -205,11 +205,14 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--tools", default=",".join(TOOLS))
     parser.add_argument("--folder", type=Path, default=FOLDER, help="the checkpoint (built if absent)")
+    parser.add_argument("--markdown", type=Path, help="print the README table of a results JSON and stop")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--layers", type=int, default=LAYERS, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
         return worker(args)
+    if args.markdown:
+        return print(markdown_table(json.loads(args.markdown.read_text())["tools"]))
     build(args.folder)
     one, two = measure(1, args), measure(2, args)
     rows = [summarise(tool, one[tool], two[tool], args) for tool in args.tools.split(",")]
@@ -220,6 +223,7 @@ def main() -> None:
             row["time_vs_forward"] = row["seconds_2_layers"] / by_tool[base]["seconds_2_layers"]
             row["extra_gb_vs_forward"] = row["rise_2_layers"] - by_tool[base]["rise_2_layers"]
     print_table(rows, args)
+    print("\n" + markdown_table(rows))
     sizes = {"batch": args.batch, "pos": args.pos, "lens_pos": args.lens_pos, "neurons": args.neurons}
     path = write_json("realdim", {"machine": machine(), "shape": SHAPE, "sizes": sizes, "tools": rows})
     print(f"wrote {path}")
@@ -245,6 +249,27 @@ def print_table(rows: list[dict], args) -> None:
             f"{1e3 * r['seconds_per_layer_per_unit']:10.2f} {1024 * r['rise_per_layer_per_unit']:10.3f} "
             f"{r['seconds_32_layers']:9.1f} {r['rise_32_layers']:10.2f} {ratio:>6} {extra:>8}"
         )
+
+
+def markdown_table(rows: list[dict]) -> str:
+    """The README's table: each tool at 2 layers, per layer and unit, and multiplied out to 32 layers."""
+    lines = [
+        "| tool | 2 layers: time, peak RSS rise | per layer | per layer and unit | 32 layers (estimate) "
+        "| vs the forward (2 layers) |",
+        "| --- | --- | --- | --- | --- | --- |",
+    ]
+    for r in rows:
+        unit = "token" if "tokens" in r["per"] else r["per"]
+        versus = ""
+        if "time_vs_forward" in r:
+            versus = f"{r['time_vs_forward']:.2f}× time, {r['extra_gb_vs_forward']:+.2f} GB"
+        lines.append(
+            f"| {r['tool']} ({r['about']}) | {r['seconds_2_layers']:.1f} s, {r['rise_2_layers']:.2f} GB "
+            f"| {r['seconds_per_layer']:.1f} s, {1024 * r['rise_per_layer']:.0f} MB "
+            f"| {1e3 * r['seconds_per_layer_per_unit']:.1f} ms, {1024 * r['rise_per_layer_per_unit']:.2f} MB "
+            f"per {unit} | {r['seconds_32_layers']:.0f} s, {r['rise_32_layers']:.2f} GB | {versus} |"
+        )
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

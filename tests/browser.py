@@ -125,11 +125,18 @@ class Lab:
         self.token = token
         self.output_dir = output_dir
 
-    def open_notebook(self, name: str, timeout_s: float = 60) -> None:
-        """Open notebooks/<name> and wait until its kernel has started and is idle."""
+    def open_notebook(self, name: str, timeout_s: float = 60, *, kernel: bool = True) -> None:
+        """Open notebooks/<name> and wait until its kernel has started and is idle (`kernel=False`: until the
+        notebook is shown; a kernel-selection dialog is answered "No Kernel")."""
         self.page.goto(f"{self.base_url}/lab/tree/{name}?token={self.token}", timeout=timeout_s * 1000)
         self.page.locator(".jp-NotebookPanel .jp-Notebook .jp-Cell").first.wait_for(timeout=timeout_s * 1000)
-        self.wait_for_idle(timeout_s)
+        if kernel:
+            self.wait_for_idle(timeout_s)
+            return
+        no_kernel = self.page.locator(".jp-Dialog button", has_text="No Kernel")
+        with suppress(Exception):  # the dialog may not come: then there is nothing to answer
+            no_kernel.first.wait_for(timeout=10_000)
+            no_kernel.first.click()
 
     def kernel_status(self) -> str:
         """The status bar's kernel item, e.g. 'Python 3 (ipykernel) | Idle'."""
@@ -337,6 +344,58 @@ def _stop_server(server: subprocess.Popen, base_url: str, token: str) -> None:
         except subprocess.TimeoutExpired:
             server.kill()
             server.wait(timeout=10)
+
+
+@contextmanager
+def static_page(
+    tmp_path: Path,
+    html_file: Path,
+    *,
+    output_dir: Path | None = None,
+    viewport: tuple[int, int] = (1400, 1000),
+) -> Iterator:
+    """A headless chromium page on a local HTML file, which may load nothing but itself, `data:` and `blob:`
+    (any other request is refused and fails the test at the end of the block, as does a JavaScript error)."""
+    require_chromium()
+    from playwright.sync_api import sync_playwright
+
+    own = html_file.resolve().as_uri()
+    offsite: list[str] = []
+    errors: list[str] = []
+
+    def allowed(url: str) -> bool:
+        if urlsplit(url).scheme in ("data", "blob") or url.split("#")[0] == own:
+            return True
+        offsite.append(url)
+        return False
+
+    def handle(route):
+        if allowed(route.request.url):
+            route.continue_()
+        else:
+            route.abort("blockedbyclient")
+
+    with sync_playwright() as playwright:
+        context = playwright.chromium.launch_persistent_context(
+            str(tmp_path / "static-profile"),
+            executable_path=CHROMIUM,
+            headless=True,
+            args=CHROMIUM_ARGS,
+            viewport={"width": viewport[0], "height": viewport[1]},
+        )
+        try:
+            context.route("**/*", handle)
+            page = context.pages[0] if context.pages else context.new_page()
+            page.on("websocket", lambda ws: allowed(ws.url))
+            page.on("pageerror", lambda error: errors.append(str(error)))
+            page.goto(own)
+            yield page
+        finally:
+            context.close()
+    if offsite:
+        pytest.fail(f"The page requested {len(offsite)} resource(s) besides itself: {sorted(set(offsite))}")
+    if errors:
+        pytest.fail(f"JavaScript errors on the page: {errors}")
 
 
 def wait_for_change(read, before, timeout_s: float = 60):

@@ -10,7 +10,6 @@ import numpy as np
 import pytest
 import torch
 from conftest import attached_hooks
-from plotly.callbacks import Points
 from transformer_lens import head_detector
 
 import workbench
@@ -18,12 +17,14 @@ from workbench import HookedApertus
 from workbench.attention import (
     SCORES,
     attention_pattern,
+    attention_window,
     cache_attention,
     detection_patterns,
     head_scores,
     head_scores_figure,
     kv_group,
     score_pattern,
+    top_keys,
 )
 from workbench.checkpoint import DEFAULT_CHECKPOINT
 from workbench.checkpoint.synthetic import random_apertus
@@ -143,8 +144,8 @@ def test_a_4096_token_prompt_keeps_memory_to_what_is_shown(embedded_model):
         explorer.window.value = 4000
         explorer.layer.value = 1
     assert forwards.calls == 1
-    assert np.asarray(explorer.figure.data[0].z, dtype=float).shape == (48, 48)
-    assert list(explorer.figure.data[0].x) == list(range(4000, 4048))
+    assert np.asarray(explorer.figure.data[0].z, dtype=float).shape == (48, 49)  # BOS is always drawn
+    assert list(explorer.figure.data[0].x) == [0, *range(4000, 4048)]
 
 
 # --------------------------------------------------------------------------------------------- head scores
@@ -259,16 +260,18 @@ def test_controls_update_the_figures_from_one_forward(random_model):
         explorer.run(PROMPT)  # seen before: served from the cache
         assert forwards.calls == 2 and explorer.model_runs == 2
     # What the widgets send to the browser must be strict JSON (a NaN cell would break the message).
-    for figure in (explorer.figure, explorer.grid):
-        json.dumps(figure.to_plotly_json()["data"], allow_nan=False)
+    for view in (explorer.figure, explorer.grid):
+        json.dumps(view.outputs, allow_nan=False)
+        assert list(view.outputs[0]["data"]) == ["application/vnd.plotly.v1+json", "text/plain"]
     assert attached_hooks(random_model) == 0
 
 
 def test_axes_are_labelled_with_the_tokens(random_model):
     explorer = AttentionExplorer(random_model, PROMPT)
     layout = explorer.figure.layout
-    tokens = [html.escape(t) for t in random_model.to_str_tokens(PROMPT)]  # "<s>" would be read as a tag
-    assert tokens[0] == "&lt;s&gt;"
+    # "<s>" would be read as a tag: escaped, and numbered so that a repeated token keeps its own column
+    tokens = [f"{i}: {html.escape(t)}" for i, t in enumerate(random_model.to_str_tokens(PROMPT))]
+    assert tokens[0] == "0: &lt;s&gt;"
     assert list(layout.xaxis.ticktext) == tokens and list(layout.yaxis.ticktext) == tokens
     assert list(layout.xaxis.tickvals) == list(range(len(tokens)))
 
@@ -282,7 +285,7 @@ def test_token_view_colours_the_row_and_the_column_of_the_chosen_token(random_mo
     np.testing.assert_allclose(shown_row, reference[6], atol=1e-3)
     np.testing.assert_allclose(shown_col, reference[:, 6], atol=1e-3)
     assert "outline:2px" in explorer.attends_to.value
-    explorer._pattern_clicked(explorer.figure.data[0], Points(point_inds=[(9, 3)], xs=[3], ys=[9]), None)
+    explorer.select_token(9)
     assert explorer.token.value == 9
 
 
@@ -293,8 +296,12 @@ def test_the_kv_group_label_follows_the_head(random_model):
     explorer.head.value = 3
     assert "KV head 1" in explorer.kv_label.value and "heads 2, 3" in explorer.kv_label.value
     assert "reads KV head 1" in explorer.figure.layout.title.text
-    explorer._grid_clicked(explorer.grid.data[2], Points(point_inds=[(0, 0)], xs=[0], ys=[0]), None)
-    assert explorer.head.value == 2
+    assert [a.text for a in explorer.grid.layout.annotations] == [
+        "H0 · KV 0",
+        "H1 · KV 0",
+        "H2 · KV 1",
+        "H3 · KV 1",
+    ]
 
 
 def test_long_prompts_show_a_window(random_model):
@@ -304,13 +311,109 @@ def test_long_prompts_show_a_window(random_model):
     assert explorer.window.layout.display is None and explorer.window.max == 201 - 32
     explorer.window.value = 100
     z = np.asarray(explorer.figure.data[0].z, dtype=float)
-    assert z.shape == (32, 32) and list(explorer.figure.data[0].x) == list(range(100, 132))
-    np.testing.assert_allclose(np.nan_to_num(z), reference[100:132, 100:132], atol=TOL)
+    assert z.shape == (32, 33) and list(explorer.figure.data[0].x) == [0, *range(100, 132)]
+    np.testing.assert_allclose(np.nan_to_num(z), reference[100:132, [0, *range(100, 132)]], atol=TOL)
     assert [v for _, v in explorer.token.options] == list(range(100, 132))
     # Most of these rows' attention lies outside the window: the colour scale follows what is shown.
     assert explorer.figure.data[0].zmax == pytest.approx(np.nanmax(z)) and np.nanmax(z) < 1
     with pytest.raises(IndexError, match="not on screen"):
         explorer.show(token=5)
+
+
+LONG = " ".join(f"w{(i * 7) % 61}" for i in range(300))  # 301 tokens with BOS
+
+
+@pytest.fixture(scope="module")
+def long_reference(random_model):
+    return reference_patterns(random_model, LONG)
+
+
+def test_the_key_window_moves_independently_and_the_outside_column_is_the_rest(random_model, long_reference):
+    explorer = AttentionExplorer(random_model, LONG, layer=1, head=3, window_size=40)
+    reference = long_reference[1][3].numpy()  # the full [query, key] pattern from hook_pattern
+    explorer.window.value = 250
+    assert explorer.follow.value and explorer.keys == [0, *range(250, 290)]  # BOS pinned, keys follow
+    explorer.show_keys(30)
+    assert not explorer.follow.value, "moving the keys by hand detaches them from the queries"
+    assert explorer.queries == range(250, 290) and explorer.keys == [0, *range(30, 70)]
+    columns = [0, *range(30, 70)]
+    z = np.asarray(explorer.figure.data[0].z, dtype=float)
+    np.testing.assert_allclose(z, reference[250:290][:, columns], atol=TOL)
+    assert list(explorer.figure.data[0].x) == columns and list(explorer.figure.data[0].y) == list(
+        range(250, 290)
+    )
+    # The last column: per row, the attention on every key not drawn, straight from the full pattern.
+    hidden = np.ones(reference.shape[1], dtype=bool)
+    hidden[columns] = False
+    expected = reference[250:290][:, hidden].sum(-1)
+    np.testing.assert_allclose(explorer.outside, expected, atol=TOL)
+    np.testing.assert_allclose(np.asarray(explorer.figure.data[1].z, dtype=float)[:, 0], expected, atol=TOL)
+    assert explorer.figure.data[1].x == ("outside",) and expected.max() > 0.1  # a real share, not rounding
+    np.testing.assert_allclose(z.sum(-1) + expected, 1.0, atol=1e-5)
+    # Keys after the query rows lie in the future: drawn blank, never counted outside.
+    explorer.show_keys(280)
+    z = np.asarray(explorer.figure.data[0].z, dtype=float)
+    assert explorer.keys == [0, *range(261, 301)]  # the window stops at the prompt's end
+    assert np.isnan(z[0, -1]) and not np.isnan(z[-1, 1])
+    np.testing.assert_allclose(explorer.outside, reference[250:290, 1:261].sum(-1), atol=TOL)
+    explorer.follow.value = True
+    assert explorer.keys == [0, *range(250, 290)]
+
+
+def test_attention_window_takes_any_increasing_key_positions(random_model, long_reference):
+    attention = cache_attention(random_model, LONG)
+    keys = [0, 5, 100, 101, 260]
+    pattern, outside = attention_window(attention, 2, [1, 0], queries=range(200, 270), keys=keys)
+    reference = long_reference[2][[1, 0], 200:270].numpy()
+    np.testing.assert_allclose(pattern.numpy(), reference[:, :, keys], atol=TOL)
+    np.testing.assert_allclose(outside.numpy(), reference.sum(-1) - reference[:, :, keys].sum(-1), atol=TOL)
+    with pytest.raises(ValueError, match="increasing"):
+        attention_window(attention, 0, keys=[5, 3])
+    with pytest.raises(IndexError, match="outside the prompt"):
+        attention_window(attention, 0, keys=[0, 301])
+
+
+def test_the_top_keys_are_the_largest_of_the_whole_row(random_model, long_reference):
+    explorer = AttentionExplorer(random_model, LONG, layer=2, head=1, window_size=32, top_k=7)
+    explorer.window.value = 260
+    explorer.token.value = 275
+    row = long_reference[2][1, 275].numpy()
+    top = explorer.top_keys
+    order = np.argsort(-row, kind="stable")[:7]
+    assert list(top["key"]) == order.tolist()
+    np.testing.assert_allclose(top["attention"], row[order], atol=TOL)
+    np.testing.assert_allclose(top["cumulative"].iloc[-1], row[order].sum(), atol=TOL)
+    assert list(top["token"]) == [random_model.to_str_tokens(LONG)[k] for k in order]
+    assert "Where does" in explorer.looks.value and f">{order[0]}<" in explorer.looks.value
+    assert list(top_keys(explorer.attention, 2, 1, 275, k=3)["key"]) == order[:3].tolist()
+
+
+def test_the_explorer_takes_a_token_tensor(random_model):
+    tokens = random_model.to_tokens(PROMPT)
+    for prompt in (tokens, tokens[0], tokens[0].tolist()):
+        explorer = AttentionExplorer(random_model, prompt)
+        assert explorer.attention.n_tokens == tokens.shape[1] and explorer.model_runs == 1
+        np.testing.assert_allclose(
+            np.nan_to_num(explorer.pattern), reference_patterns(random_model, PROMPT)[0][0], atol=TOL
+        )
+
+
+def test_cached_prompts_stay_in_the_model_dtype_within_the_memory_budget(random_model):
+    bf16 = HookedApertus(
+        random_apertus(layers=2, heads=4, kv_heads=2, d_model=64, seed=3).to(torch.bfloat16), None
+    )
+    tokens = torch.randint(4, 96, (40,), generator=torch.Generator().manual_seed(1))
+    attention = cache_attention(bf16, tokens)
+    assert {t.dtype for t in (*attention.queries, *attention.keys)} == {torch.bfloat16}
+    one = attention.nbytes
+    assert one == 2 * 40 * (4 + 2) * 16 * 2  # layers x pos x (heads + kv heads) x d_head x 2 bytes
+    pattern = attention_pattern(attention, 1)
+    assert pattern.dtype == torch.float32 and torch.allclose(pattern.sum(-1), torch.ones(4, 40), atol=1e-5)
+    explorer = AttentionExplorer(bf16, tokens, memory_budget=int(2.5 * one), cached_prompts=10)
+    for seed in range(2, 6):
+        explorer.run(torch.randint(4, 96, (40,), generator=torch.Generator().manual_seed(seed)))
+        assert explorer.cached_bytes <= 2.5 * one
+    assert len(explorer._forwards) == 2 and explorer.model_runs == 5
 
 
 def test_bad_input_is_reported(random_model):
@@ -339,7 +442,8 @@ def test_head_summary_opens_heads_in_the_explorer(random_model):
         np.asarray(summary.figure.data[0].z, dtype=float), table["previous_token"].unstack()
     )
     assert summary.head.options[0][1] == table["previous_token"].idxmax()
-    summary._clicked(summary.figure.data[0], Points(point_inds=[(2, 1)], xs=["H1"], ys=["L2"]), None)
+    summary.head.value = (2, 1)
+    summary.open_button.click()
     assert (explorer.layer.value, explorer.head.value) == (2, 1)
     layer, head = summary.top("induction", 1).index[0]  # numpy integers, straight from the DataFrame
     summary.open(layer, head)

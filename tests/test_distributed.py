@@ -8,14 +8,16 @@ import os
 import threading
 import time
 
+import numpy as np
 import pytest
 import torch
 
 import workbench
 from workbench.data.alignment import TokenLabelledDataset
-from workbench.data.corpus import tagged_sentences
+from workbench.data.corpus import ioi_prompts, tagged_sentences
 from workbench.executors import LocalExecutor, RayExecutor, load_spec, resolve
 from workbench.probing import harvest
+from workbench.xielu import xielu_statistics
 
 ray = pytest.importorskip("ray")
 
@@ -110,3 +112,62 @@ def test_executors_are_checked(model):
     assert load_spec(model)["source"].endswith("apertus-tiny")
     with pytest.raises(ValueError, match="not made by workbench.load"):
         load_spec(object())
+
+
+# ------------------------------------------------------------------------------------ xIELU statistics
+PROMPTS = [p.clean for p in ioi_prompts(24, seed=3)]  # distinct prompts: no ties among top-k
+
+
+def stats_equal(a, b):
+    for name in ("hist", "outside", "counts", "post_abs", "output_norm", "top_values", "top_where"):
+        assert np.array_equal(getattr(a, name), getattr(b, name), equal_nan=True), name
+    assert (a.n_tokens, a.n_prompts) == (b.n_tokens, b.n_prompts)
+
+
+def test_merged_shards_equal_one_pass(model):
+    whole = xielu_statistics(model, PROMPTS, batch_size=4, progress=False)
+    sharded = xielu_statistics(model, PROMPTS, batch_size=4, shard_prompts=8, progress=False)
+    for name in ("hist", "outside", "counts"):  # counts add exactly, whatever the order
+        assert np.array_equal(getattr(sharded, name), getattr(whole, name)), name
+    np.testing.assert_allclose(sharded.post_abs, whole.post_abs, rtol=1e-9)
+    np.testing.assert_allclose(sharded.output_norm, whole.output_norm, rtol=1e-9)
+    np.testing.assert_array_equal(sharded.top_values, whole.top_values)
+    np.testing.assert_array_equal(sharded.bottom_values, whole.bottom_values)
+    # Prompt indices continue from shard to shard. Equal values (the same token at the same place in two
+    # prompts) may come from either prompt, so compare where each value is unique in its list.
+    values = whole.bottom_values
+    unique = (values[..., :, None] == values[..., None, :]).sum(-1) == 1
+    unique &= values != values[..., -1:]
+    np.testing.assert_array_equal(sharded.bottom_where[unique], whole.bottom_where[unique])
+    assert unique.sum() > values.size // 2 and sharded.bottom_where[..., 0].max() >= 16
+    assert sharded.n_prompts == len(PROMPTS)
+
+
+def test_distributed_statistics_equal_the_in_process_ones_after_a_kill(cluster, model):
+    local = single_threaded(
+        lambda: xielu_statistics(model, PROMPTS, batch_size=4, shard_prompts=4, progress=False)
+    )
+    plain = xielu_statistics(
+        model, PROMPTS, batch_size=4, shard_prompts=4, progress=False, executor=RayExecutor(num_workers=2)
+    )
+    stats_equal(plain, local)
+    executor = RayExecutor(num_workers=2, max_retries=2)
+    killed = []
+
+    def kill_soon():
+        deadline = time.time() + 120
+        while time.time() < deadline and not killed:
+            if executor.workers:
+                time.sleep(1.0)
+                ray.kill(executor.workers[-1], no_restart=False)
+                killed.append(True)
+            time.sleep(0.05)
+
+    thread = threading.Thread(target=kill_soon)
+    thread.start()
+    survived = xielu_statistics(
+        model, PROMPTS, batch_size=4, shard_prompts=4, progress=False, executor=executor
+    )
+    thread.join()
+    assert killed
+    stats_equal(survived, local)

@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from transformer_lens.ActivationCache import ActivationCache
 
+from workbench import figures
 from workbench.hooked_model import HookedApertus, Input
 from workbench.names import act_name, resid_labels, resid_names
 from workbench.vocabulary import check_known
@@ -216,36 +217,29 @@ def logit_lens_figure(model: HookedApertus, prompt: str | torch.Tensor, k: int =
     hover = (
         table.groupby(["layer_index", "position"])
         .apply(
-            lambda g: "<br>".join(f"{t!r}: {p:.2f}" for t, p in zip(g.token, g.prob)), include_groups=False
+            lambda g: "<br>".join(
+                f"{figures.escape_label(repr(t))}: {p:.2f}" for t, p in zip(g.token, g.prob)
+            ),
+            include_groups=False,
         )
         .unstack()
     )
     inputs = table.drop_duplicates("position").sort_values("position").input_token.tolist()
-    columns = [f"{pos}:{tok}" for pos, tok in enumerate(inputs)]
     labels = layer_labels(model)
-    fig = go.Figure(
-        go.Heatmap(
-            z=top.values,
-            x=columns,
-            y=labels,
-            text=text.values,
-            texttemplate="%{text}",
-            customdata=hover.values,
-            hovertemplate="%{y} @ %{x}<br>%{customdata}<extra></extra>",
-            colorscale="Blues",
-            zmin=0,
-            zmax=1,
-            colorbar={"title": "p(top)"},
-        )
-    )
-    fig.update_layout(
+    return figures.heatmap(
+        top.values,
+        x=figures.token_labels(inputs),
+        y=labels,
+        text=text.map(figures.escape_label).values,
+        customdata=hover.values,
+        hover="%{y} @ %{x}<br>%{customdata}<extra></extra>",
+        zmin=0,
+        zmax=1,
+        colorbar_title="p(top)",
         title="Logit lens: the top token read from each layer's residual stream",
-        xaxis_title="position: input token",
-        yaxis_title="residual stream after",
-        height=max(300, 45 * len(labels) + 140),
-        template="plotly_white",
+        x_title="position: input token",
+        y_title="residual stream after",
     )
-    return fig
 
 
 def target_trajectory(
@@ -279,7 +273,7 @@ def target_trajectory(
 
 def trajectory_figure(table: pd.DataFrame, target: str = "target") -> go.Figure:
     """Probability (left axis) and rank (right axis, log scale) of the target token across layers."""
-    fig = go.Figure()
+    fig = figures.figure()
     fig.add_scatter(x=table.layer, y=table.prob, name="probability", mode="lines+markers")
     fig.add_scatter(
         x=table.layer,
@@ -300,7 +294,6 @@ def trajectory_figure(table: pd.DataFrame, target: str = "target") -> go.Figure:
             "autorange": "reversed",
         },
         height=340,
-        template="plotly_white",
         legend={"orientation": "h", "y": -0.25},
     )
     return fig
@@ -506,33 +499,20 @@ def dla_figure(table: pd.DataFrame, title: str = "Direct logit attribution") -> 
     mlp = table[table.kind == "mlp"].set_index("layer").attribution
     grid.columns = [f"H{h}" for h in grid.columns]
     grid["MLP"] = mlp
-    vmax = float(grid.abs().max().max()) or 1.0
     embed = float(table[table.kind == "embed"].attribution.sum())
-    fig = go.Figure(
-        go.Heatmap(
-            z=grid.values,
-            x=list(grid.columns),
-            y=[f"L{la}" for la in grid.index],
-            zmid=0,
-            zmin=-vmax,
-            zmax=vmax,
-            colorscale="RdBu",
-            text=grid.round(2).values,
-            texttemplate="%{text}",
-            colorbar={"title": "logit"},
-        )
-    )
     total = table.attrs.get("total")
     sub = f"embedding {embed:+.2f}" + (f", total {total:+.2f}" if total is not None else "")
-    fig.update_layout(
+    return figures.heatmap(
+        grid.values,
+        x=list(grid.columns),
+        y=[f"L{la}" for la in grid.index],
+        diverging=True,
+        text=grid.round(2).values,
+        colorbar_title="logit",
         title=f"{title}<br><sup>{sub}</sup>",
-        xaxis_title="head / MLP",
-        yaxis_title="layer",
-        yaxis_autorange="reversed",
-        height=max(300, 50 * len(grid) + 150),
-        template="plotly_white",
+        x_title="head / MLP",
+        y_title="layer",
     )
-    return fig
 
 
 # ----------------------------------------------------------------------------------------- helpers

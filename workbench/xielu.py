@@ -31,8 +31,9 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import partial
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -40,6 +41,7 @@ import plotly.graph_objects as go
 import torch
 from tqdm.auto import tqdm
 
+from workbench import executors, figures
 from workbench.hooked_model import HookedApertus
 from workbench.names import act_name
 
@@ -305,6 +307,9 @@ def xielu_statistics(
     layers: Sequence[int] | None = None,
     neuron_chunk: int = 2048,
     progress: bool = True,
+    bin_edges: np.ndarray | None = None,
+    executor: Any = None,
+    shard_prompts: int | None = None,
 ) -> XIELUStatistics:
     """Stream `prompts` through the model once and gather xIELU statistics with bounded memory.
 
@@ -318,9 +323,23 @@ def xielu_statistics(
     neuron_chunk: neurons folded at a time; what the statistics hold beyond the forward is about
         batch tokens x (neuron_chunk x 20 + d_model x 12) bytes, one layer at a time.
 
+    bin_edges: fixed [n_layers, bins + 1] histogram edges (e.g. another pass's `bin_edges`), so that
+        passes over parts of a dataset can be merged (`merge_statistics`).
+    executor, shard_prompts: cut the prompts (a list or tensor) into shards of `shard_prompts` and run them
+        on `executor` (None: in this process; a `workbench.executors.RayExecutor`: on Ray workers), merging
+        the shards' statistics in shard order. The first shard fixes the histogram edges for all. The same
+        shards give the same numbers bit for bit wherever they run (on the same kind of device).
+
     Each gathered layer is folded into the statistics by hooks as the forward passes it (no layer's
     activations outlive its hooks), and the forward stops after the last gathered layer.
     """
+    if executor is not None or shard_prompts is not None:
+        options = dict(
+            batch_size=batch_size, bins=bins, value_range=value_range, top_k=top_k, layers=layers,
+            context_before=context_before, context_after=context_after, skip_bos=skip_bos,
+            neuron_chunk=neuron_chunk,
+        )  # fmt: skip
+        return _sharded_statistics(model, prompts, executor, shard_prompts, bin_edges, options, progress)
     checked = (("batch_size", batch_size), ("bins", bins), ("top_k", top_k), ("neuron_chunk", neuron_chunk))
     for name, value in checked:
         if not isinstance(value, int) or value < 1:
@@ -332,6 +351,8 @@ def xielu_statistics(
     acc = _Accumulator(
         model, layers, params, bins, value_range, top_k, context_before, context_after, neuron_chunk
     )
+    if bin_edges is not None:
+        acc.edges = np.array(bin_edges, dtype=np.float64)
     batches = (
         list(_batches(prompts, batch_size))
         if isinstance(prompts, torch.Tensor)
@@ -362,6 +383,73 @@ def xielu_statistics(
                 return_type=None,
             )
     return acc.result(model)
+
+
+def _sharded_statistics(model, prompts, executor, shard_prompts, bin_edges, options, progress):
+    if not isinstance(prompts, (list, tuple, torch.Tensor)):
+        raise TypeError("Sharded statistics need the prompts as a list of texts or a tensor of token ids.")
+    size = shard_prompts or max(len(prompts) // 8, options["batch_size"])
+    if not isinstance(size, int) or size < 1:
+        raise ValueError(f"shard_prompts must be a positive integer, not {shard_prompts!r}.")
+    shards = [(start, min(start + size, len(prompts))) for start in range(0, len(prompts), size)]
+    executor = executors.resolve(executor)
+    bar = tqdm(total=len(shards), desc="xIELU statistics (shards)", unit="shard", disable=not progress)
+    parts = {}
+    job = partial(statistics_shard, prompts=prompts, options=options, bin_edges=bin_edges)
+    for shard, part, _ in executor.map(model, job, shards[:1]):  # the first shard fixes the edges
+        parts[shard] = part
+        bar.update()
+    job = partial(statistics_shard, prompts=prompts, options=options, bin_edges=parts[shards[0]].bin_edges)
+    for shard, part, _ in executor.map(model, job, shards[1:]):
+        parts[shard] = part
+        bar.update()
+    bar.close()
+    return merge_statistics([parts[shard] for shard in shards])
+
+
+def statistics_shard(
+    model, shard: tuple[int, int], progress, *, prompts, options, bin_edges
+) -> XIELUStatistics:
+    """The statistics of prompts[start:stop]: the job an executor runs for one shard."""
+    part = prompts[shard[0] : shard[1]]
+    return xielu_statistics(model, part, **options, bin_edges=bin_edges, progress=False)
+
+
+def merge_statistics(parts: Sequence[XIELUStatistics]) -> XIELUStatistics:
+    """One `XIELUStatistics` from passes over consecutive parts of a dataset (same model, options and
+    histogram edges), as if gathered in one pass: counts and sums add, top-k lists merge, prompt indices
+    continue from part to part. Merging in the same order gives the same numbers bit for bit."""
+    first = parts[0]
+    for part in parts[1:]:
+        if part.layers != first.layers or not np.array_equal(part.bin_edges, first.bin_edges, equal_nan=True):
+            raise ValueError(
+                "These statistics differ in layers or histogram edges: merge only passes run with the same "
+                "options and bin_edges (xielu_statistics(..., bin_edges=first.bin_edges))."
+            )
+    merged = {name: sum(getattr(p, name) for p in parts) for name in _ADDED}
+    offsets = np.cumsum([0] + [p.n_prompts for p in parts[:-1]])
+    for side, largest in (("top", True), ("bottom", False)):
+        values = np.concatenate([getattr(p, f"{side}_values") for p in parts], axis=2)
+        context = np.concatenate([getattr(p, f"{side}_context") for p in parts], axis=2)
+        where = np.concatenate(
+            [_shift_prompts(getattr(p, f"{side}_where"), off) for p, off in zip(parts, offsets)], axis=2
+        )
+        fill = -np.inf if largest else np.inf
+        key = np.where(np.isnan(values), fill, values)
+        order = np.argsort(-key if largest else key, axis=2, kind="stable")[..., : first.top_values.shape[2]]
+        merged[f"{side}_values"] = np.take_along_axis(values, order, 2)
+        merged[f"{side}_context"] = np.take_along_axis(context, order[..., None], 2)
+        merged[f"{side}_where"] = np.take_along_axis(where, order[..., None], 2)
+    return replace(first, **merged)
+
+
+_ADDED = ("hist", "outside", "counts", "post_abs", "output_norm", "n_tokens", "n_prompts")
+
+
+def _shift_prompts(where: np.ndarray, offset: int) -> np.ndarray:
+    shifted = where.copy()
+    shifted[..., 0] = np.where(where[..., 0] >= 0, where[..., 0] + offset, -1)
+    return shifted
 
 
 def _batches(prompts, batch_size: int):
@@ -600,7 +688,7 @@ def xielu_figure(model: HookedApertus, layer: int, stats: XIELUStatistics | None
     layer's pre-activations over the dataset as a histogram on a second axis, coloured by regime."""
     model.check_layer(layer)
     params = curve_table(model).loc[layer]
-    fig = go.Figure()
+    fig = figures.figure()
     if stats is not None:
         hist = stats.histogram(layer)
         low, high = float(hist.left.iloc[0]), float(hist.right.iloc[-1])
@@ -665,7 +753,6 @@ def xielu_figure(model: HookedApertus, layer: int, stats: XIELUStatistics | None
         legend={"orientation": "h", "y": -0.25},
         height=460,
         margin={"t": 80},
-        template="plotly_white",
     )
     return fig
 
@@ -676,7 +763,7 @@ def regime_share_figure(stats: XIELUStatistics, kind: str = "activations") -> go
     if kind not in ("activations", "output"):
         raise ValueError(f"kind must be 'activations' or 'output', not {kind!r}.")
     table = stats.regime_shares() if kind == "activations" else stats.output_shares()
-    fig = go.Figure()
+    fig = figures.figure()
     for regime in REGIMES:
         fig.add_bar(
             x=[f"L{la}" for la in table.index],
@@ -691,6 +778,5 @@ def regime_share_figure(stats: XIELUStatistics, kind: str = "activations") -> go
         yaxis_tickformat=".0%",
         xaxis_title="layer",
         height=360,
-        template="plotly_white",
     )
     return fig

@@ -8,37 +8,75 @@ from dataclasses import dataclass
 
 import torch
 
+from workbench.names import act_name
+
 Prompts = str | Sequence[str] | torch.Tensor
 Metric = str | Callable[[torch.Tensor], torch.Tensor]
 Cell = tuple[int, ...]
+Index = Callable[[Cell, Sequence[int] | None], tuple]
+
+EVERY = slice(None)
 
 
 @dataclass(frozen=True)
 class Component:
-    """What one sweep patches: a hook in every layer, and how a cell's index addresses its activation."""
+    """What one sweep patches: a hook in every layer, and how a cell's index addresses its activation.
+
+    `index(cell, neuron_positions)` is the cell's index in one prompt's activation (batch dimension removed);
+    `neuron_positions` only matters to neurons (None: every position).
+    """
 
     name: str
-    hook: str  # per-layer hook name after "blocks.{l}."
+    hook: str  # act_name's short name, e.g. "resid_pre", "z", "post"
     axes: tuple[str, ...]  # the cell's axes after the layer
     about: str
+    index: Index
+
+    def hook_name(self, layer: int) -> str:
+        return act_name(self.hook, layer)
+
+    @property
+    def pos_axis(self) -> int | None:
+        """Where "pos" sits in a cell (the layer is entry 0), or None for all-position components."""
+        return 1 + self.axes.index("pos") if "pos" in self.axes else None
+
+
+def _at_pos(cell, _):  # [pos, d_model]
+    return (cell[1],)
+
+
+def _head_at_pos(cell, _):  # hook_z [pos, head, d_head]
+    return (cell[2], cell[1])
+
+
+def _head_all_pos(cell, _):  # q/k/v/z [pos, head, d_head]
+    return (EVERY, cell[1])
+
+
+def _pattern(cell, _):  # [head, query, key]
+    return (cell[1],)
+
+
+def _neuron(cell, positions):  # [pos, d_mlp]
+    return (EVERY if positions is None else list(positions), cell[1])
 
 
 COMPONENTS: dict[str, Component] = {
     c.name: c
     for c in (
-        Component("resid_pre", "hook_resid_pre", ("pos",), "residual stream entering the layer"),
-        Component("resid_mid", "hook_resid_mid", ("pos",), "residual stream between attention and MLP"),
-        Component("resid_post", "hook_resid_post", ("pos",), "residual stream leaving the layer"),
-        Component("attn_out", "hook_attn_out", ("pos",), "attention output (all heads)"),
-        Component("mlp_out", "hook_mlp_out", ("pos",), "MLP output"),
-        Component("heads", "attn.hook_z", ("head",), "one head's output (hook_z), all positions"),
-        Component("heads_by_pos", "attn.hook_z", ("head", "pos"), "one head's output at one position"),
-        Component("q", "attn.hook_q", ("head",), "one head's queries, all positions"),
-        Component("k", "attn.hook_k", ("kv_head",), "one KV head's keys, all positions"),
-        Component("v", "attn.hook_v", ("kv_head",), "one KV head's values, all positions"),
-        Component("pattern", "attn.hook_pattern", ("head",), "one head's attention pattern"),
+        Component("resid_pre", "resid_pre", ("pos",), "residual stream entering the layer", _at_pos),
+        Component("resid_mid", "resid_mid", ("pos",), "residual stream between attention and MLP", _at_pos),
+        Component("resid_post", "resid_post", ("pos",), "residual stream leaving the layer", _at_pos),
+        Component("attn_out", "attn_out", ("pos",), "attention output (all heads)", _at_pos),
+        Component("mlp_out", "mlp_out", ("pos",), "MLP output", _at_pos),
+        Component("heads", "z", ("head",), "one head's output (hook_z), all positions", _head_all_pos),
+        Component("heads_by_pos", "z", ("head", "pos"), "one head's output at one position", _head_at_pos),
+        Component("q", "q", ("head",), "one head's queries, all positions", _head_all_pos),
+        Component("k", "k", ("kv_head",), "one KV head's keys, all positions", _head_all_pos),
+        Component("v", "v", ("kv_head",), "one KV head's values, all positions", _head_all_pos),
+        Component("pattern", "pattern", ("head",), "one head's attention pattern", _pattern),
         Component(
-            "neurons", "mlp.hook_post", ("neuron",), "one xIELU neuron (mlp.hook_post) of a chosen layer"
+            "neurons", "post", ("neuron",), "one xIELU neuron (mlp.hook_post) of a chosen layer", _neuron
         ),
     )
 }
@@ -64,20 +102,16 @@ def check_direction(direction: str) -> str:
     return DIRECTIONS[direction]
 
 
+def runs_of(direction: str) -> tuple[str, str]:
+    """(the run that is patched, the run patched in) for a direction."""
+    return ("corrupted", "clean") if direction == "denoise" else ("clean", "corrupted")
+
+
 def cell_index(spec: Component, cell: Cell, neuron_positions) -> tuple:
     """The index of one cell in one prompt's activation (its batch dimension removed)."""
-    every = slice(None)
-    if spec.axes == ("pos",):  # [pos, d_model]
-        return (cell[1],)
-    if spec.axes == ("head", "pos"):  # hook_z [pos, head, d_head]
-        return (cell[2], cell[1])
-    if spec.name == "pattern":  # [head, query, key]
-        return (cell[1],)
-    if spec.name == "neurons":  # [pos, d_mlp]
-        return (every if neuron_positions is None else list(neuron_positions), cell[1])
-    return (every, cell[1])  # q/k/v/z: [pos, head, d_head]
+    return spec.index(cell, neuron_positions)
 
 
 def shift_cell(spec: Component, cell: Cell, start: int) -> Cell:
-    at = 1 + spec.axes.index("pos")
+    at = spec.pos_axis
     return (*cell[:at], cell[at] - start, *cell[at + 1 :])

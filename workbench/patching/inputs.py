@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -9,6 +10,44 @@ import torch
 from workbench.hooked_model import HookedApertus
 from workbench.patching.components import Prompts
 from workbench.vocabulary import check_known
+
+
+@dataclass
+class PromptPairs:
+    """Checked clean/corrupted token pairs, their padding mask, each prompt's last real token and answers."""
+
+    clean: torch.Tensor  # [prompts, pos]
+    corrupted: torch.Tensor
+    mask: torch.Tensor | None  # None when nothing is padded
+    last: torch.Tensor  # [prompts]: each prompt's last real token
+    answer_ids: torch.Tensor | None
+    wrong_ids: torch.Tensor | None
+    str_tokens: list[str]  # the first clean prompt's tokens
+
+    @classmethod
+    def build(cls, model: HookedApertus, clean: Prompts, corrupted: Prompts, answers: Any, attention_mask):
+        a, b, mask = pair_tokens(model, clean, corrupted, attention_mask)
+        answer_ids, wrong_ids = parse_answers(model, answers, a.shape[0])
+        return cls(a, b, mask, last_positions(a, mask), answer_ids, wrong_ids, str_tokens(model, a[0]))
+
+    @property
+    def n_prompts(self) -> int:
+        return self.clean.shape[0]
+
+    @property
+    def n_pos(self) -> int:
+        return self.clean.shape[1]
+
+    def tokens(self, run: str) -> torch.Tensor:
+        return self.clean if run == "clean" else self.corrupted
+
+
+def last_positions(tokens: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """Each prompt's last real token: the last position, or the last the mask marks."""
+    n, n_pos = tokens.shape
+    if mask is None:
+        return torch.full((n,), n_pos - 1, dtype=torch.long, device=tokens.device)
+    return (torch.arange(n_pos, device=tokens.device) * mask).argmax(-1)
 
 
 def str_tokens(model: HookedApertus, ids: torch.Tensor) -> list[str]:

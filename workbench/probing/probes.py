@@ -28,9 +28,10 @@ import pandas as pd
 import plotly.graph_objects as go
 import torch
 import torch.nn.functional as F
-from sklearn.metrics import f1_score
+from sklearn.metrics import confusion_matrix, f1_score
 from tqdm.auto import tqdm
 
+from workbench import figures
 from workbench.data.alignment import IGNORE
 from workbench.probing.harvest import COLUMNS, Harvest
 
@@ -68,9 +69,7 @@ def confusion_frame(gold: np.ndarray, predicted: np.ndarray, label_names: Sequen
     """Counts, gold labels as rows and predictions as columns, over the labels that occur in either."""
     gold, predicted = np.asarray(gold), np.asarray(predicted)
     present = sorted(set(gold.tolist()) | set(predicted.tolist()))
-    index = {label: i for i, label in enumerate(present)}
-    counts = np.zeros((len(present), len(present)), dtype=np.int64)
-    np.add.at(counts, ([index[g] for g in gold.tolist()], [index[p] for p in predicted.tolist()]), 1)
+    counts = confusion_matrix(gold, predicted, labels=present)
     names = [label_names[i] for i in present]
     return pd.DataFrame(counts, index=pd.Index(names, name="gold"), columns=pd.Index(names, name="predicted"))
 
@@ -152,33 +151,24 @@ class ProbeResult:
     def confusion_figure(self, layer: int | str) -> go.Figure:
         frame = self.confusion(layer)
         share = frame.div(frame.sum(axis=1).clip(lower=1), axis=0)
-        fig = go.Figure(
-            go.Heatmap(
-                z=share.values,
-                x=list(frame.columns),
-                y=list(frame.index),
-                colorscale="Blues",
-                zmin=0,
-                zmax=1,
-                text=frame.values,
-                texttemplate="%{text}",
-                hovertemplate="gold %{y}, predicted %{x}: %{text}<extra></extra>",
-            )
-        )
-        fig.update_layout(
+        return figures.heatmap(
+            share.values,
+            x=[figures.escape_label(c) for c in frame.columns],
+            y=[figures.escape_label(c) for c in frame.index],
+            zmin=0,
+            zmax=1,
+            text=frame.values,
+            hover="gold %{y}, predicted %{x}: %{text}<extra></extra>",
             title=f"Confusion at {self.hooks[self.index(layer)]} (test set; colour = share of the gold row)",
-            xaxis_title="predicted",
-            yaxis_title="gold",
-            yaxis_autorange="reversed",
-            height=420,
+            x_title="predicted",
+            y_title="gold",
         )
-        return fig
 
     def figure(self, title: str | None = None) -> go.Figure:
         """Test accuracy by layer, with the control task, selectivity and the majority baseline."""
         t = self.table
         x = t["layer"] if t["layer"].is_unique else t["hook"]
-        fig = go.Figure()
+        fig = figures.figure()
         fig.add_scatter(x=x, y=t["accuracy"], mode="lines+markers", name="probe accuracy")
         fig.add_scatter(
             x=x,
@@ -195,7 +185,7 @@ class ProbeResult:
             y=t["majority_baseline"],
             mode="lines",
             name="majority baseline",
-            line={"color": "grey", "dash": "longdash"},
+            line={"color": figures.NEUTRAL, "dash": "longdash"},
         )
         fig.update_layout(
             title=title or "Linear probe accuracy by layer (test split)",
@@ -262,7 +252,7 @@ def train_probes(
     shuffle_labels: a sanity check, permute the labels across tokens; probes should then fall to chance.
     Training holds the harvested features in memory once, as float32 (tokens x hooks x width x 4 bytes, e.g.
     100k tokens x 33 layers x 4096 = 54 GB for an 8B model: harvest fewer hooks, or train on a subset of them
-    with ``hooks``); the splits are views of that one buffer, and shards are read one hook at a time.
+    with ``hooks``); shards are read one hook at a time straight into the train/validation/test buffers.
     """
     _check_training(lr, weight_decay, max_steps, batch_size, eval_every, patience)
     if not isinstance(harvest, Harvest):
@@ -291,17 +281,18 @@ def train_probes(
     for name, mask in masks.items():
         if not mask.any():
             raise ValueError(f"The {name} split has no labelled token; use more sentences.")
-    # Rows laid out train, then validation, then test: each split is a view of one buffer, never a copy.
+    # Rows laid out train, then validation, then test, each split in its own buffer (never a copy of one).
     order = torch.from_numpy(np.concatenate([np.flatnonzero(masks[n]) for n in ("train", "val", "test")]))
     n_train, n_val = int(masks["train"].sum()), int(masks["val"].sum())
-    x, widths = _feature_buffer(harvest, hooks, order, eps, normalize)
+    bounds = [0, n_train, n_train + n_val, len(order)]
+    (x_train, x_val, x_test), widths = _feature_buffer(harvest, hooks, order, eps, normalize, bounds)
     targets = torch.stack([labels, control], dim=1)[order]  # [n, task]
     train, val, test = slice(0, n_train), slice(n_train, n_train + n_val), slice(n_train + n_val, None)
 
     weight, bias, history = _fit(
-        x[:, train],
+        x_train,
         targets[train],
-        x[:, val],
+        x_val,
         targets[val],
         n_classes,
         lr=lr,
@@ -317,7 +308,7 @@ def train_probes(
 
     t_test = targets[test]
     with torch.no_grad():
-        predicted = _logits(x[:, test], weight, bias).argmax(-1)  # [hooks, n, task]
+        predicted = _logits(x_test, weight, bias).argmax(-1)  # [hooks, n, task]
     majority_label = int(torch.bincount(targets[train, 0], minlength=n_classes).argmax())
     gold = t_test[:, 0].numpy()
     table = []
@@ -384,18 +375,20 @@ def _check_training(lr, weight_decay, max_steps, batch_size, eval_every, patienc
 
 
 def _feature_buffer(
-    harvest: Harvest, hooks: list[str], order: torch.Tensor, eps: float, normalize: bool
-) -> tuple[torch.Tensor, list[int]]:
-    """The probes' inputs as one float32 buffer ``[hooks, n, width]`` whose rows follow ``order``, filled one
-    shard of one hook at a time: the only full-size allocation of training."""
+    harvest: Harvest, hooks: list[str], order: torch.Tensor, eps: float, normalize: bool, bounds: list[int]
+) -> tuple[list[torch.Tensor], list[int]]:
+    """The probes' inputs as float32 buffers ``[hooks, n_split, width]``, one per split (rows ``order[lo:hi]``
+    for each ``(lo, hi)`` of ``bounds``), filled one shard of one hook at a time: together the only full-size
+    allocation of training, and each contiguous, so no matmul copies it."""
     destination = torch.empty_like(order)
     destination[order] = torch.arange(len(order))
     pieces = {h: harvest.shard_tensors(h, verify=False) for h in hooks}
     first = {h: next(pieces[h]) for h in hooks}
     widths = [first[h].reshape(len(first[h]), -1).shape[1] for h in hooks]
-    x = torch.empty(len(hooks), len(order), max(widths))
+    spans = list(zip(bounds[:-1], bounds[1:]))
+    buffers = [torch.empty(len(hooks), hi - lo, max(widths)) for lo, hi in spans]
     for i, h in enumerate(hooks):
-        if widths[i] < x.shape[2]:
+        for x in buffers:
             # Narrower hooks are zero-padded: zero features get zero gradient, so the probe is exactly a
             # narrower one.
             x[i, :, widths[i] :] = 0
@@ -403,9 +396,12 @@ def _feature_buffer(
         for piece in (first[h], *pieces[h]):
             piece = piece.reshape(len(piece), -1)
             features = rms_normalize(piece, eps) if normalize else piece.float()
-            x[i, destination[row : row + len(piece)], : widths[i]] = features
+            where = destination[row : row + len(piece)]
+            for x, (lo, hi) in zip(buffers, spans):
+                inside = (where >= lo) & (where < hi)
+                x[i, where[inside] - lo, : widths[i]] = features[inside]
             row += len(piece)
-    return x, widths
+    return buffers, widths
 
 
 def _logits(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:

@@ -1,79 +1,97 @@
 """The attention explorer and the head summary: where each head attends, and which heads do what.
 
-`AttentionExplorer(model, prompt)` shows one head's pattern as a heatmap (tokens on both axes), every head of
-the layer as small heatmaps, and a token view (where the chosen token attends, what attends to it). The model
-runs once per prompt (the rotated queries and keys are cached, see `workbench.attention`); layer, head, window
-and token controls only recompute the on-screen pattern and update the figures in place.
+`AttentionExplorer(model, prompt)` shows one head's pattern as a heatmap (tokens on both axes) with a last
+column holding, per query row, the attention that falls on keys not drawn; every head of the layer as small
+heatmaps; and a token view (where the chosen token attends, what attends to it, and the top keys it reads over
+the whole prompt). The model runs once per prompt (the rotated queries and keys are cached, see
+`workbench.attention`); layer, head, window and token controls only recompute the on-screen pattern.
+
+On a long prompt the query window and the key window move separately: by default the keys follow the queries,
+and the first `pinned` columns (BOS, where much attention goes) are always drawn; move "from key" to look at
+keys far before the queries.
 
 `HeadSummary(model, input, explorer=...)` scores every head (previous-token, duplicate-token, induction) as a
-table and a layer x head heatmap; clicking a cell, or choosing a head and pressing "open", shows that head in
-the explorer. Both render offline: plotly's FigureWidget ships its JavaScript in the Python package.
+table and a layer x head heatmap; choosing a head and pressing "open" shows that head in the explorer.
+
+Figures are `workbench.figures.FigureView`s (plotly's mime type inside an Output widget): they render offline,
+a saved notebook keeps their last state and stores no JavaScript. Choose with the controls, not by clicking.
 """
 
 from __future__ import annotations
 
 import html
-import math
 import operator
 from collections import OrderedDict
 
 import ipywidgets as widgets
 import numpy as np
 import pandas as pd
-import plotly.graph_objects as go
 import torch
-from plotly.subplots import make_subplots
 
+from workbench import figures
 from workbench.attention import (
     SCORE_TITLES,
     SCORES,
     PromptAttention,
     attention_pattern,
+    attention_window,
     cache_attention,
     head_scores,
     head_scores_figure,
     single_prompt_tokens,
+    top_keys,
+    window_figure,
 )
 from workbench.hooked_model import HookedApertus
 from workbench.widgets.tokens import colored_tokens_html
 
-PATTERN_COLORS = "Blues"
+DEFAULT_MEMORY_BUDGET = 2 * 2**30  # cached queries and keys across prompts (one prompt is always kept)
 
 
 class AttentionExplorer:
     """One head's attention pattern on a prompt, the layer's other heads, and a per-token view.
 
     Controls (ipywidgets, settable from code): `prompt_box` + `run_button`, `layer`, `head`, `window` (first
-    query shown, for prompts longer than `window_size`), `token` (position for the token view). Figures:
-    `figure` (the selected head, a `go.FigureWidget`), `grid` (all heads of the layer). `state` summarises
-    the view; `model_runs` counts forward passes (one per new prompt). Display it as any widget.
+    query shown, for prompts longer than `window_size`), `key_window` (first key shown) with `follow` (keys
+    follow the queries), `token` (position for the token view). Figures: `figure` (the selected head, with
+    the outside-mass column) and `grid` (all heads of the layer). `outside` and `top_keys` give the numbers
+    behind them; `state` summarises the view; `model_runs` counts forward passes (one per new prompt).
+
+    Memory: cached prompts keep their queries and keys in the model's dtype; the oldest are dropped beyond
+    `cached_prompts` or `memory_budget` bytes (the prompt on screen always stays).
     """
 
     def __init__(
         self,
         model: HookedApertus,
-        prompt: str | None = None,
+        prompt: str | torch.Tensor | None = None,
         *,
         layer: int = 0,
         head: int = 0,
         window_size: int = 64,
+        pinned: int = 1,
+        top_k: int = 10,
         cached_prompts: int = 4,
+        memory_budget: int = DEFAULT_MEMORY_BUDGET,
     ) -> None:
         if window_size < 2:
             raise ValueError(f"window_size must be at least 2 tokens; got {window_size}.")
+        if pinned < 0 or top_k < 1:
+            raise ValueError(f"pinned must be >= 0 and top_k >= 1; got pinned={pinned}, top_k={top_k}.")
         self.model = model
-        self.window_size = window_size
+        self.window_size, self.pinned, self.top_k = window_size, pinned, top_k
+        self.memory_budget = memory_budget
         self.model_runs = 0
         self._forwards: OrderedDict[str | tuple, PromptAttention] = OrderedDict()
         self._cached_prompts = max(1, cached_prompts)
         self._attention: PromptAttention | None = None
-        self._layer_pattern: tuple[tuple, torch.Tensor] | None = None  # ((layer, window start), [head, q, k])
+        self._layer_view: tuple[tuple, torch.Tensor, torch.Tensor] | None = None  # (key, pattern, outside)
         self._quiet = False
-        self._grid_shows: tuple | None = None  # the (layer, window start) the head grid is drawn for
+        self._grid_shows: tuple | None = None  # the view key the head grid is drawn for
         cfg = model.cfg
 
         self.prompt_box = widgets.Textarea(
-            value=prompt or "",
+            value=prompt if isinstance(prompt, str) else "",
             placeholder="Type a prompt, then press Run",
             layout=widgets.Layout(width="100%", height="4em"),
         )
@@ -90,57 +108,64 @@ class AttentionExplorer:
             description="head",
             layout=widgets.Layout(width="160px"),
         )
+        slider = {"value": 0, "min": 0, "max": 0, "continuous_update": False}
         self.window = widgets.IntSlider(
-            value=0,
-            min=0,
-            max=0,
-            description="from query",
-            continuous_update=False,
-            layout=widgets.Layout(width="420px"),
+            description="from query", layout=widgets.Layout(width="420px"), **slider
         )
+        self.key_window = widgets.IntSlider(
+            description="from key", layout=widgets.Layout(width="420px"), **slider
+        )
+        self.follow = widgets.Checkbox(value=True, description="keys follow queries", indent=False)
         self.token = widgets.Dropdown(options=[], description="token", layout=widgets.Layout(width="220px"))
         self.kv_label = widgets.HTML()
         self.status = widgets.HTML()
         self.attends_to = widgets.HTML()
         self.attended_by = widgets.HTML()
+        self.looks = widgets.HTML()
+        self.figure = figures.FigureView()
+        self.grid = figures.FigureView()
         for control, css in [
             (self.layer, "wb-layer"),
             (self.head, "wb-head"),
             (self.window, "wb-window"),
+            (self.key_window, "wb-key-window"),
+            (self.follow, "wb-follow"),
             (self.token, "wb-token"),
             (self.run_button, "wb-run"),
             (self.prompt_box, "wb-prompt"),
+            (self.figure, "wb-pattern"),
+            (self.grid, "wb-head-grid"),
+            (self.looks, "wb-top-keys"),
         ]:
             control.add_class(css)
-
-        self.figure = go.FigureWidget(_pattern_figure())
-        self.grid = go.FigureWidget(_grid_figure(cfg.n_heads, cfg.n_key_value_heads))
-        self.figure.data[0].on_click(self._pattern_clicked)
-        for trace in self.grid.data:
-            trace.on_click(self._grid_clicked)
 
         self.run_button.on_click(lambda _: self._run_from_box())
         self.layer.observe(lambda _: self._refresh(), names="value")
         self.head.observe(lambda _: self._refresh(), names="value")
         self.window.observe(lambda _: self._window_moved(), names="value")
+        self.key_window.observe(lambda _: self._keys_moved(), names="value")
+        self.follow.observe(lambda _: self._window_moved(), names="value")
         self.token.observe(lambda _: self._refresh_tokens(), names="value")
 
+        self.windows = widgets.HBox([self.window, self.key_window, self.follow])
         self.widget = widgets.VBox(
             [
                 widgets.HBox([self.prompt_box, self.run_button], layout=widgets.Layout(width="100%")),
-                widgets.HBox([self.layer, self.head, self.kv_label, self.window]),
+                widgets.HBox([self.layer, self.head, self.kv_label]),
+                self.windows,
                 self.status,
                 self.figure,
-                widgets.HTML("<b>All heads of this layer</b> (click one to select it)"),
+                widgets.HTML("<b>All heads of this layer</b> (choose one with the head control)"),
                 self.grid,
                 widgets.HBox([self.token]),
+                self.looks,
                 self.attends_to,
                 self.attended_by,
             ]
         )
         self.widget.add_class("wb-attention-explorer")
         self._refresh_kv_label()
-        if prompt:
+        if prompt is not None:  # a token tensor has no truth value: test for None, not emptiness
             self.run(prompt)
 
     # ------------------------------------------------------------------------------------------- public
@@ -152,24 +177,26 @@ class AttentionExplorer:
             key, text = prompt, prompt
         else:
             tokens = single_prompt_tokens(self.model, prompt)
-            key, text = tuple(tokens.tolist()), self.model.to_string(tokens)
+            key = tuple(tokens.tolist())
+            text = self.model.to_string(tokens) if self.model.tokenizer is not None else ""
         if key in self._forwards:
             self._forwards.move_to_end(key)
         else:
             self._forwards[key] = cache_attention(self.model, prompt)
             self.model_runs += 1
-            while len(self._forwards) > self._cached_prompts:
-                self._forwards.popitem(last=False)
+            self._evict()
         self._attention = self._forwards[key]
-        self._layer_pattern = self._grid_shows = None
+        self._layer_view = self._grid_shows = None
         self._quiet = True
         try:
             if self.prompt_box.value != text:
                 self.prompt_box.value = text
             n = self._attention.n_tokens
-            self.window.max = max(0, n - self.window_size)
-            self.window.value = 0
-            self.window.layout.display = None if n > self.window_size else "none"
+            for slider in (self.window, self.key_window):
+                slider.max = max(0, n - self.window_size)
+                slider.value = 0
+            self.follow.value = True
+            self.windows.layout.display = None if n > self.window_size else "none"
         finally:
             self._quiet = False
         self._reset_tokens()
@@ -190,6 +217,10 @@ class AttentionExplorer:
             self._select_token(_as_int(token))
         self._refresh()
 
+    def show_keys(self, start: int) -> None:
+        """Draw the key window from position `start` on, independently of the query window."""
+        self.key_window.value = start  # the slider clamps to the prompt
+
     @property
     def attention(self) -> PromptAttention:
         if self._attention is None:
@@ -199,16 +230,39 @@ class AttentionExplorer:
         return self._attention
 
     @property
+    def cached_bytes(self) -> int:
+        """Memory held by the cached prompts' queries and keys."""
+        return sum(a.nbytes for a in self._forwards.values())
+
+    @property
     def queries(self) -> range:
-        """The query (and key) positions on screen."""
-        n = self.attention.n_tokens
-        start = min(self.window.value, max(0, n - self.window_size))
-        return range(start, min(n, start + self.window_size))
+        """The query positions on screen."""
+        return self._span(self.window.value)
+
+    @property
+    def keys(self) -> list[int]:
+        """The key columns drawn: the first `pinned` positions and the key window (the query window when
+        `follow` is on)."""
+        window = self.queries if self.follow.value else self._span(self.key_window.value)
+        first = range(min(self.pinned, self.attention.n_tokens))
+        return sorted(set(first) | set(window))
 
     @property
     def pattern(self) -> np.ndarray:
-        """The selected head's pattern on screen [query, key] (future positions NaN)."""
-        return self._layer_patterns()[self.head.value].numpy()
+        """The selected head's pattern on screen [query, key column] (future positions NaN)."""
+        pattern = self._layer_views()[1][self.head.value]
+        future = torch.tensor(self.keys)[None, :] > torch.tensor(list(self.queries))[:, None]
+        return pattern.masked_fill(future, float("nan")).numpy()
+
+    @property
+    def outside(self) -> np.ndarray:
+        """Per query row on screen, the selected head's attention on keys not drawn (the last column)."""
+        return self._layer_views()[2][self.head.value].numpy()
+
+    @property
+    def top_keys(self) -> pd.DataFrame:
+        """Where the chosen token looks: its `top_k` keys over the whole prompt (see `attention.top_keys`)."""
+        return top_keys(self.attention, self.layer.value, self.head.value, self.token.value, self.top_k)
 
     @property
     def state(self) -> dict:
@@ -220,6 +274,7 @@ class AttentionExplorer:
             "head": self.head.value,
             "kv_group": attention.kv_group(self.head.value),
             "queries": self.queries,
+            "keys": self.keys,
             "token": self.token.value,
             "model_runs": self.model_runs,
         }
@@ -228,22 +283,37 @@ class AttentionExplorer:
         return self.widget._repr_mimebundle_(**kwargs)
 
     # ----------------------------------------------------------------------------------------- internals
+    def _evict(self) -> None:
+        """Drop the oldest prompts beyond the count or the memory budget; the newest always stays."""
+        while len(self._forwards) > 1 and (
+            len(self._forwards) > self._cached_prompts or self.cached_bytes > self.memory_budget
+        ):
+            self._forwards.popitem(last=False)
+
+    def _span(self, start: int) -> range:
+        n = self.attention.n_tokens
+        start = min(start, max(0, n - self.window_size))
+        return range(start, min(n, start + self.window_size))
+
     def _run_from_box(self) -> None:
         try:
             self.run(self.prompt_box.value)
         except (ValueError, IndexError, TypeError) as error:
             # A button callback's exception would vanish into the log console: show it where the user looks.
-            self.status.value = f'<span style="color:#b2182b">{html.escape(str(error))}</span>'
+            self.status.value = figures.error_html(error)
 
-    def _layer_patterns(self) -> torch.Tensor:
-        """All heads of the selected layer on the window, computed once per (layer, window)."""
-        key = (self.layer.value, self.queries.start)
-        if self._layer_pattern is None or self._layer_pattern[0] != key:
-            rows = self.queries
-            pattern = attention_pattern(self.attention, self.layer.value, queries=rows, keys=rows)
-            future = torch.arange(len(rows))[None, :] > torch.arange(len(rows))[:, None]
-            self._layer_pattern = (key, pattern.masked_fill(future, float("nan")))
-        return self._layer_pattern[1]
+    def _view_key(self) -> tuple:
+        return (self.layer.value, self.queries.start, tuple(self.keys))
+
+    def _layer_views(self) -> tuple[tuple, torch.Tensor, torch.Tensor]:
+        """All heads of the selected layer on screen, computed once per (layer, query window, key columns)."""
+        key = self._view_key()
+        if self._layer_view is None or self._layer_view[0] != key:
+            pattern, outside = attention_window(
+                self.attention, self.layer.value, queries=self.queries, keys=self.keys
+            )
+            self._layer_view = (key, pattern, outside)
+        return self._layer_view
 
     def _refresh(self) -> None:
         if self._quiet:
@@ -251,50 +321,40 @@ class AttentionExplorer:
         self._refresh_kv_label()
         if self._attention is None:
             return
-        attention, rows = self.attention, self.queries
-        patterns = self._layer_patterns()
-        labels = attention.str_tokens[rows.start : rows.stop]
-        positions = list(rows)
+        attention, rows, cols = self.attention, self.queries, self.keys
+        key, patterns, outside = self._layer_views()
         layer, head = self.layer.value, self.head.value
-        # In a window of a long prompt most attention lands outside it (often on <s>): on a fixed 0..1 scale
-        # the window would look empty, so the colour scale then runs to the largest weight shown.
-        windowed = len(rows) < attention.n_tokens
-        top = float(torch.nan_to_num(patterns[head], nan=0.0).max()) if windowed else 1.0
-        grid_top = float(torch.nan_to_num(patterns, nan=0.0).max()) if windowed else 1.0
-        with self.figure.batch_update():
-            trace = self.figure.data[0]
-            trace.z = _heatmap_cells(patterns[head])
-            trace.zmax = max(top, 1e-6)
-            trace.x = positions
-            trace.y = positions
-            for axis in (self.figure.layout.xaxis, self.figure.layout.yaxis):
-                axis.tickvals = positions
-                axis.ticktext = [html.escape(t) for t in labels]  # plotly reads "<s>" as a tag
-            scale = f"; colours up to {top:.2g}" if windowed else ""
-            self.figure.layout.title.text = (
-                f"Layer {layer}, head {head} (reads KV head {attention.kv_group(head)}){scale}"
-            )
-            size = max(360, min(760, 140 + 16 * len(rows)))
-            self.figure.layout.height = size
-            self.figure.layout.width = size + 120
-        if self._grid_shows != self._layer_pattern[0]:
-            self._update_grid(patterns, positions, grid_top, layer)
-        shown = f"tokens {rows.start}..{rows.stop - 1} of {attention.n_tokens}"
+        # In a window of a long prompt most attention may land outside it: on a fixed 0..1 scale the window
+        # would look empty, so the colour scale then runs to the largest weight shown (the last column says
+        # how much is not drawn).
+        windowed = len(cols) < attention.n_tokens
+        top = float(patterns[head].max()) if windowed else 1.0
+        scale = f"; colours up to {top:.2g}" if windowed else ""
+        title = f"Layer {layer}, head {head} (reads KV head {attention.kv_group(head)}){scale}"
+        self.figure.show(
+            window_figure(attention, patterns[head], outside[head], rows, cols, title=title, zmax=top)
+        )
+        if self._grid_shows != key:
+            self._update_grid(patterns, rows, cols, float(patterns.max()) if windowed else 1.0, layer)
         self.status.value = (
-            f"{attention.n_tokens} tokens; showing {shown}. Model runs so far: {self.model_runs} "
-            "(one per new prompt; the view only recomputes the pattern on screen)."
+            f"{attention.n_tokens} tokens; queries {rows.start}..{rows.stop - 1}, keys {_ranges(cols)}; "
+            f"the last column is each row's attention on keys not drawn. Model runs so far: "
+            f"{self.model_runs} (one per new prompt; the view only recomputes the pattern on screen)."
         )
         self._refresh_tokens()
 
-    def _update_grid(self, patterns: torch.Tensor, positions: list[int], top: float, layer: int) -> None:
-        self._grid_shows = self._layer_pattern[0]
-        with self.grid.batch_update():
-            for h, trace in enumerate(self.grid.data):
-                trace.z = _heatmap_cells(patterns[h])
-                trace.x = positions
-                trace.y = positions
-            self.grid.layout.coloraxis.cmax = max(top, 1e-6)
-            self.grid.layout.title.text = f"Layer {layer}: all {len(patterns)} heads"
+    def _update_grid(
+        self, patterns: torch.Tensor, rows: range, cols: list[int], top: float, layer: int
+    ) -> None:
+        self._grid_shows = self._layer_view[0]
+        cfg = self.model.cfg
+        group_size = cfg.n_heads // cfg.n_key_value_heads
+        future = torch.tensor(cols)[None, :] > torch.tensor(list(rows))[:, None]
+        cells = [p.masked_fill(future, float("nan")).numpy() for p in patterns]
+        titles = [f"H{h} · KV {h // group_size}" for h in range(cfg.n_heads)]
+        fig = figures.heatmap_grid(cells, titles, title=f"Layer {layer}: all {len(patterns)} heads")
+        fig.update_layout(coloraxis_cmax=max(top, 1e-6))
+        self.grid.show(fig)
 
     def _refresh_kv_label(self) -> None:
         cfg = self.model.cfg
@@ -309,7 +369,23 @@ class AttentionExplorer:
     def _window_moved(self) -> None:
         if self._quiet or self._attention is None:
             return
+        if self.follow.value:
+            self._quiet = True
+            try:
+                self.key_window.value = self.queries.start
+            finally:
+                self._quiet = False
         self._reset_tokens()
+        self._refresh()
+
+    def _keys_moved(self) -> None:
+        if self._quiet or self._attention is None:
+            return
+        self._quiet = True
+        try:
+            self.follow.value = False  # a key window moved by hand stays where it was put
+        finally:
+            self._quiet = False
         self._refresh()
 
     def _reset_tokens(self) -> None:
@@ -335,35 +411,60 @@ class AttentionExplorer:
     def _refresh_tokens(self) -> None:
         if self._quiet or self._attention is None or self.token.value is None:
             return
-        rows = self.queries
-        labels = self.attention.str_tokens[rows.start : rows.stop]
-        pattern = np.nan_to_num(self.pattern)
-        i = self.token.value - rows.start
-        tok = html.escape(repr(labels[i]))
-        row, column = pattern[i], pattern[:, i]
+        attention, rows, cols = self.attention, self.queries, self.keys
+        tokens = attention.str_tokens
+        position = self.token.value
+        i = position - rows.start
+        tok = html.escape(repr(tokens[position]))
+        row = np.nan_to_num(self.pattern[i])
+        key_labels = [tokens[c] for c in cols]
+        selected = cols.index(position) if position in cols else None
+        # The chosen token as a key, for every query row on screen (rows before it cannot see it: 0).
+        column = attention_pattern(
+            attention, self.layer.value, self.head.value, queries=rows, keys=[position]
+        )[:, 0].numpy()
+        labels = tokens[rows.start : rows.stop]
         self.attends_to.value = (
-            f"<div><b>Where {tok} (position {self.token.value}) attends</b></div>"
-            + colored_tokens_html(labels, row.tolist(), selected=i, titles=_titles(rows, labels, row))
+            f"<div><b>Where {tok} (position {position}) attends</b> among the keys drawn "
+            f"({self.outside[i]:.1%} of its attention falls on other keys)</div>"
+            + colored_tokens_html(
+                key_labels, row.tolist(), selected=selected, titles=_titles(cols, key_labels, row)
+            )
         )
         self.attended_by.value = f"<div><b>What attends to {tok}</b></div>" + colored_tokens_html(
             labels, column.tolist(), selected=i, titles=_titles(rows, labels, column)
         )
+        self.looks.value = _top_keys_html(self.top_keys, tok, position)
 
-    def _pattern_clicked(self, trace, points, state) -> None:
-        if points.point_inds:
-            query, _ = points.point_inds[0]
-            self._select_token(self.queries.start + query)
-
-    def _grid_clicked(self, trace, points, state) -> None:
-        if points.point_inds:
-            self.head.value = self.grid.data.index(trace)
+    # Kept for notebooks that click programmatically: choose the token of a pattern row.
+    def select_token(self, position: int) -> None:
+        """Choose the token (query position on screen) for the token view."""
+        self._select_token(_as_int(position))
 
 
-def _heatmap_cells(pattern: torch.Tensor) -> list[list[float | None]]:
-    # Future positions become null (a blank cell): NaN would break the widget's JSON messages.
-    cells = pattern.numpy().astype(object)
-    cells[np.isnan(pattern.numpy())] = None
-    return cells.tolist()
+def _top_keys_html(table: pd.DataFrame, tok: str, position: int) -> str:
+    rows = "".join(
+        f"<tr><td>{r.key}</td><td><code>{html.escape(repr(r.token))}</code></td>"
+        f"<td style='text-align:right'>{r.attention:.3f}</td>"
+        f"<td style='text-align:right'>{r.cumulative:.1%}</td></tr>"
+        for r in table.itertuples()
+    )
+    return (
+        f"<div><b>Where does {tok} (position {position}) look?</b> Its top {len(table)} keys over the whole "
+        "prompt</div><table class='wb-top-keys-table'><tr><th>key</th><th>token</th><th>attention</th>"
+        f"<th>cumulative</th></tr>{rows}</table>"
+    )
+
+
+def _ranges(cols: list[int]) -> str:
+    """Key columns as runs: "0, 100..163"."""
+    runs: list[list[int]] = []
+    for c in cols:
+        if runs and c == runs[-1][1] + 1:
+            runs[-1][1] = c
+        else:
+            runs.append([c, c])
+    return ", ".join(str(a) if a == b else f"{a}..{b}" for a, b in runs)
 
 
 def _as_int(value):
@@ -373,69 +474,15 @@ def _as_int(value):
         return value  # not an integer: let the model's check name the problem
 
 
-def _titles(rows: range, labels: list[str], values: np.ndarray) -> list[str]:
-    return [f"{p} {t!r}: {v:.3f}" for p, t, v in zip(rows, labels, values)]
-
-
-def _pattern_figure() -> go.Figure:
-    fig = go.Figure(
-        go.Heatmap(
-            z=[[0.0]],
-            zmin=0,
-            zmax=1,
-            colorscale=PATTERN_COLORS,
-            hovertemplate="query %{y} → key %{x}<br>attention %{z:.3f}<extra></extra>",
-            colorbar={"title": {"text": "attention"}},
-        )
-    )
-    fig.update_layout(
-        title="Run a prompt to see its attention",
-        xaxis={"title": "key (attended to)", "tickmode": "array", "tickangle": -60, "showgrid": False},
-        yaxis={"title": "query (attending)", "tickmode": "array", "autorange": "reversed", "showgrid": False},
-        margin={"l": 90, "r": 20, "t": 50, "b": 90},
-        height=420,
-        width=540,
-        plot_bgcolor="white",  # the blank future (upper triangle) stays blank
-    )
-    return fig
-
-
-def _grid_figure(n_heads: int, n_kv_heads: int) -> go.Figure:
-    cols = min(n_heads, 8)
-    rows = math.ceil(n_heads / cols)
-    group_size = n_heads // n_kv_heads
-    titles = [f"H{h} · KV {h // group_size}" for h in range(n_heads)]
-    fig = make_subplots(
-        rows=rows, cols=cols, subplot_titles=titles, horizontal_spacing=0.02, vertical_spacing=0.08
-    )
-    for h in range(n_heads):
-        fig.add_trace(
-            go.Heatmap(
-                z=[[0.0]],
-                coloraxis="coloraxis",
-                hovertemplate=f"head {h}<br>query %{{y}} → key %{{x}}<br>%{{z:.3f}}<extra></extra>",
-            ),
-            row=h // cols + 1,
-            col=h % cols + 1,
-        )
-    fig.update_xaxes(showticklabels=False, showgrid=False)
-    fig.update_yaxes(showticklabels=False, showgrid=False, autorange="reversed")
-    fig.update_layout(
-        plot_bgcolor="white",
-        coloraxis={"colorscale": PATTERN_COLORS, "cmin": 0, "cmax": 1, "showscale": False},
-        height=40 + 150 * rows,
-        width=40 + 150 * cols,
-        margin={"l": 10, "r": 10, "t": 50, "b": 10},
-        title="All heads",
-    )
-    return fig
+def _titles(positions, labels: list[str], values: np.ndarray) -> list[str]:
+    return [f"{p} {t!r}: {v:.3f}" for p, t, v in zip(positions, labels, values)]
 
 
 class HeadSummary:
     """Every head's previous-token, duplicate-token and induction score: a table and a layer x head heatmap.
 
     `scores` is the DataFrame of `workbench.attention.head_scores`; `figure` the heatmap of the score chosen
-    in `score`. Clicking a cell, or choosing a head in `head` and pressing `open_button`, shows it in
+    in `score`. Choosing a head in `head` (ranked by the score) and pressing `open_button` shows it in
     `explorer`.
     """
 
@@ -463,8 +510,8 @@ class HeadSummary:
             description="open in explorer", icon="search", disabled=explorer is None
         )
         self.table = widgets.HTML(self.scores.round(3).to_html())
-        self.figure = go.FigureWidget(head_scores_figure(self.scores, score))
-        self.figure.data[0].on_click(self._clicked)
+        self.figure = figures.FigureView(head_scores_figure(self.scores, score))
+        self.figure.add_class("wb-head-scores")
         for control, css in [
             (self.score, "wb-score"),
             (self.head, "wb-summary-head"),
@@ -495,11 +542,7 @@ class HeadSummary:
 
     def _refresh(self) -> None:
         name = self.score.value
-        fresh = head_scores_figure(self.scores, name)
-        with self.figure.batch_update():
-            self.figure.data[0].z = fresh.data[0].z
-            self.figure.data[0].text = fresh.data[0].text
-            self.figure.layout.title.text = fresh.layout.title.text
+        self.figure.show(head_scores_figure(self.scores, name))
         ranked = self.scores[name].sort_values(ascending=False, na_position="last")
         previous = self.head.value
         self.head.options = [
@@ -507,15 +550,6 @@ class HeadSummary:
             for (layer, head), value in ranked.items()
         ]
         self.head.value = previous if previous in ranked.index else self.head.options[0][1]
-
-    def _clicked(self, trace, points, state) -> None:
-        if points.point_inds:
-            row, col = points.point_inds[0]
-            grid = self.scores[self.score.value].unstack("head")
-            layer, head = grid.index[row], grid.columns[col]
-            self.head.value = (int(layer), int(head))
-            if self.explorer is not None:
-                self.open(int(layer), int(head))
 
     def _repr_mimebundle_(self, **kwargs):
         return self.widget._repr_mimebundle_(**kwargs)

@@ -7,11 +7,9 @@ logit attribution of every head and MLP to logit(answer) - logit(wrong) (or to l
 
 from __future__ import annotations
 
-import html
-
 import ipywidgets as widgets
-import plotly.graph_objects as go
 
+from workbench import figures
 from workbench.hooked_model import HookedApertus
 from workbench.lens import (
     direct_logit_attribution,
@@ -24,8 +22,9 @@ from workbench.lens import (
 
 class LensExplorer:
     """Controls: `prompt_box`, `answer_box`, `wrong_box` (may be empty), `run_button`. Figures: `lens`,
-    `trajectory`, `attribution` (FigureWidgets, updated in place). `status` reports errors and the check
-    that the attributions sum to the model's logit difference. Display `explorer.widget`."""
+    `trajectory`, `attribution` (`workbench.figures.FigureView`s, replaced on each run). `status` reports
+    errors and the check that the attributions sum to the model's logit difference.
+    Display `explorer.widget`."""
 
     def __init__(
         self, model: HookedApertus, prompt: str = "", *, answer: str = "", wrong: str = "", k: int = 5
@@ -36,9 +35,9 @@ class LensExplorer:
         self.wrong_box = widgets.Text(value=wrong, description="vs")
         self.run_button = widgets.Button(description="Run", button_style="primary", icon="play")
         self.status = widgets.HTML()
-        self.lens = go.FigureWidget()
-        self.trajectory = go.FigureWidget()
-        self.attribution = go.FigureWidget()
+        self.lens = figures.FigureView()
+        self.trajectory = figures.FigureView()
+        self.attribution = figures.FigureView()
         self.run_button.on_click(lambda _: self.run())
         self.widget = widgets.VBox(
             [
@@ -61,26 +60,19 @@ class LensExplorer:
                 box.value = value
         text, answer, wrong = self.prompt_box.value, self.answer_box.value, self.wrong_box.value or None
         try:
-            _replace(self.lens, logit_lens_figure(self.model, text, self.k))
+            self.lens.show(logit_lens_figure(self.model, text, self.k))
             if not answer:
                 self.status.value = "Type an answer token to follow it through the layers and attribute it."
                 return
-            _replace(self.trajectory, trajectory_figure(target_trajectory(self.model, text, answer), answer))
+            self.trajectory.show(trajectory_figure(target_trajectory(self.model, text, answer), answer))
             table = direct_logit_attribution(self.model, text, answer, wrong)
         except (ValueError, IndexError, KeyError) as error:
-            self.status.value = f'<span style="color:#b2182b">{html.escape(str(error))}</span>'
+            self.status.value = figures.error_html(error)
             return
         what = f"logit({answer!r}) - logit({wrong!r})" if wrong else f"logit({answer!r})"
-        _replace(self.attribution, dla_figure(table, f"Direct logit attribution to {what}"))
+        self.attribution.show(dla_figure(table, f"Direct logit attribution to {what}"))
         self.status.value = (
             f"{what} = {table.attrs['total']:+.4f}; the parts sum to {table.attrs['sum']:+.4f} "
             "(embedding + heads + MLPs, final-norm scale from this run)."
         )
         self.table = table
-
-
-def _replace(widget: go.FigureWidget, figure: go.Figure) -> None:
-    with widget.batch_update():
-        widget.data = []
-        widget.add_traces(list(figure.data))
-        widget.layout = figure.layout

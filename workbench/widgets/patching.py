@@ -3,7 +3,9 @@
 `PatchingView(experiment)` shows `workbench.patching` results. Its state is plain attributes so tests and
 notebooks can drive it without a browser: set `view.component.value = "heads"` (or metric, direction,
 method, layer) and `view.result` is recomputed; `view.select(cell)` (what a click on the heatmap does) fills
-`view.predictions`, the patched run's top next tokens beside the clean and corrupted runs'.
+`view.predictions`, the patched run's top next tokens beside the clean and corrupted runs'. The `cell`
+dropdown lists the cells strongest first; choosing one selects it (the heatmap is a static plotly figure in
+an Output widget, so it renders offline and in saved notebooks, but does not report clicks).
 """
 
 from __future__ import annotations
@@ -13,11 +15,13 @@ from collections.abc import Callable, Mapping
 
 import ipywidgets as widgets
 import pandas as pd
-import plotly.graph_objects as go
 import torch
 
+from workbench import figures
 from workbench.patching import COMPONENTS, PatchingExperiment, PatchResult
 from workbench.widgets.tokens import colored_tokens_html
+
+MAX_CELLS = 200
 
 
 class PatchingView(widgets.VBox):
@@ -59,8 +63,9 @@ class PatchingView(widgets.VBox):
         n_layers = experiment.model.cfg.n_layers
         self.layer = widgets.Dropdown(options=list(range(n_layers)), value=0, description="neuron layer")
         self.status = widgets.HTML()
-        self.figure = go.FigureWidget(go.Heatmap(z=[[0.0]], colorscale="RdBu", zmid=0))
-        self.figure.data[0].on_click(self._on_click)
+        self.figure = figures.FigureView()
+        self.cell = widgets.Dropdown(description="cell", layout=widgets.Layout(width="420px"))
+        self.cell.observe(self._cell_chosen, names="value")
         self.prompt_view = widgets.HTML()
         self.table = widgets.HTML()
         for control in (self.component, self.metric, self.direction, self.method, self.layer):
@@ -68,7 +73,7 @@ class PatchingView(widgets.VBox):
         controls = widgets.VBox(
             [widgets.HBox([self.component, self.metric, self.layer]), self.direction, self.method]
         )
-        super().__init__([controls, self.status, self.figure, self.prompt_view, self.table])
+        super().__init__([controls, self.status, self.figure, self.cell, self.prompt_view, self.table])
         self.refresh()
 
     # ------------------------------------------------------------------------------------------- state
@@ -109,25 +114,24 @@ class PatchingView(widgets.VBox):
         return self.result
 
     def _draw(self) -> None:
-        fig = self.result.figure()
-        with self.figure.batch_update():
-            heat = self.figure.data[0]
-            source = fig.data[0]
-            for attribute in ("z", "x", "y", "zmin", "zmax", "hovertemplate", "colorbar"):
-                setattr(heat, attribute, getattr(source, attribute))
-            self.figure.layout.update(fig.layout)
+        self.figure.show(self.result.figure())
+        r = self.result
+        # The strongest MAX_CELLS only: a neuron sweep has d_mlp cells, too many for a dropdown to carry.
+        order = r.values.abs().nan_to_num(-1.0).argsort(descending=True)[:MAX_CELLS].tolist()
+        options = [("choose a cell (strongest first)", None)]
+        for i in order:
+            label = ", ".join(f"{a} {c}" for a, c in zip(r.axes, r.cells[i]))
+            options.append((f"{label}: {r.values[i].item():+.3f}", tuple(r.cells[i])))
+        self._quiet = True
+        try:
+            self.cell.options = options
+            self.cell.value = None
+        finally:
+            self._quiet = False
 
-    def cell_at(self, row: int, col: int) -> tuple[int, ...]:
-        """The cell behind heatmap entry (row, col)."""
-        return self.result.heatmap_axes()[3][row][col]
-
-    def _on_click(self, trace, points, selector) -> None:
-        if not points.xs:
-            return
-        _, rows, cols, _ = self.result.heatmap_axes()
-        cell = self.cell_at(rows.index(points.ys[0]), cols.index(points.xs[0]))
-        if cell in self.result.cells:  # a restricted sweep leaves empty (NaN) cells: nothing to show there
-            self.select(cell)
+    def _cell_chosen(self, change) -> None:
+        if not getattr(self, "_quiet", False) and change["new"] is not None:
+            self.select(change["new"])
 
     def select(self, cell: tuple[int, ...]) -> pd.DataFrame:
         """Show one cell's patched run: its top-k predictions against the clean and corrupted runs."""

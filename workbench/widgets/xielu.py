@@ -14,8 +14,8 @@ import html
 
 import ipywidgets as widgets
 import pandas as pd
-import plotly.graph_objects as go
 
+from workbench import figures
 from workbench.hooked_model import HookedApertus
 from workbench.widgets.controls import Choice, ChoiceButtons, IndexText
 from workbench.widgets.tokens import colored_tokens_html
@@ -24,8 +24,9 @@ from workbench.xielu import XIELUStatistics, neuron_output_tokens, regime_share_
 
 class XIELUExplorer:
     """Controls: `layer` (Dropdown), `neuron` (BoundedIntText), `share_kind` (activations / output).
-    Figures: `curve` (the layer's curve and input histogram, a FigureWidget) and `shares` (regimes by
-    layer). `neuron_panel` holds the neuron's examples and output tokens. Display `explorer.widget`."""
+    Figures: `curve` (the layer's curve and input histogram) and `shares` (regimes by layer), both
+    `workbench.figures.FigureView`s. `neuron_panel` holds the neuron's examples and output tokens.
+    Display `explorer.widget`."""
 
     def __init__(
         self,
@@ -60,8 +61,8 @@ class XIELUExplorer:
         )
         self.layer.add_class("wb-layer")
         self.neuron.add_class("wb-neuron")
-        self.curve = go.FigureWidget(xielu_figure(model, layer, stats))
-        self.shares = go.FigureWidget(regime_share_figure(stats))
+        self.curve = figures.FigureView(xielu_figure(model, layer, stats))
+        self.shares = figures.FigureView(regime_share_figure(stats))
         self.curve.add_class("wb-xielu-curve")
         self.shares.add_class("wb-xielu-shares")
         self.neuron_panel = widgets.HTML()
@@ -93,19 +94,11 @@ class XIELUExplorer:
             self.layer.value = self.model.check_layer(layer)
 
     def _refresh(self) -> None:
-        fresh = xielu_figure(self.model, self.layer.value, self.stats)
-        with self.curve.batch_update():
-            self.curve.data = []
-            self.curve.add_traces(list(fresh.data))
-            self.curve.layout = fresh.layout
+        self.curve.show(xielu_figure(self.model, self.layer.value, self.stats))
         self._refresh_neuron()
 
     def _refresh_shares(self) -> None:
-        fresh = regime_share_figure(self.stats, self.share_kind.value)
-        with self.shares.batch_update():
-            for trace, new in zip(self.shares.data, fresh.data):
-                trace.y = new.y
-            self.shares.layout.title = fresh.layout.title
+        self.shares.show(regime_share_figure(self.stats, self.share_kind.value))
 
     def _refresh_neuron(self) -> None:
         self.neuron_panel.value = neuron_html(

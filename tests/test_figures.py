@@ -1,0 +1,82 @@
+"""The figures module and the views built on it, without a browser: what a saved notebook stores."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from workbench import figures
+
+PLOTLY = "application/vnd.plotly.v1+json"
+
+
+def test_labels_are_escaped_and_numbered():
+    assert figures.escape_label("<s>") == "&lt;s&gt;" and figures.escape_label("a&b") == "a&amp;b"
+    assert figures.token_labels(["<s>", " the", " the"]) == ["0: &lt;s&gt;", "1:  the", "2:  the"]
+    assert figures.token_labels(["x"], [41]) == ["41: x"]
+    assert "color:" in figures.error_html(ValueError("<bad>")) and "&lt;bad&gt;" in figures.error_html(
+        "<bad>"
+    )
+
+
+def test_one_height_rule_bounds_every_heatmap():
+    assert figures.heatmap_height(1) == figures.MIN_HEIGHT
+    assert figures.heatmap_height(10_000) == figures.MAX_HEIGHT
+    assert figures.heatmap_height(10) == figures.CHROME_PX + 10 * figures.ROW_PX
+    fig = figures.heatmap(np.zeros((10, 3)), x=["a", "b", "c"], y=list("abcdefghij"))
+    assert fig.layout.height == figures.heatmap_height(10) and fig.layout.yaxis.autorange == "reversed"
+
+
+def test_diverging_heatmaps_are_symmetric_and_sequential_ones_use_the_palette():
+    fig = figures.heatmap(np.array([[-1.0, 3.0], [np.nan, 0.5]]), diverging=True)
+    trace = fig.data[0]
+    assert (trace.zmin, trace.zmax, trace.zmid) == (-3.0, 3.0, 0)
+    assert trace.colorscale == figures.heatmap_trace([[0]], diverging=True).colorscale
+    assert figures.heatmap([[0.1]]).data[0].colorscale != trace.colorscale
+
+
+def test_a_figure_view_stores_data_as_plotly_json_not_the_library():
+    fig = figures.heatmap(np.array([[0.5, np.nan], [0.25, 1.0]], dtype=np.float64), title="t <s>")
+    view = figures.FigureView(fig)
+    (output,) = view.outputs
+    text = json.dumps(output, allow_nan=False)  # widget messages are strict JSON: NaN must not pass
+    assert set(output["data"]) == {PLOTLY, "text/plain"}
+    z = output["data"][PLOTLY]["data"][0]["z"]
+    assert z["dtype"] == "f4"  # a typed array: 4 bytes a cell, base64
+    assert len(text) < 5_000 and "Plotly.newPlot" not in text
+    assert view.data[0].z.shape == (2, 2) and view.layout.title.text == "t <s>"
+    fresh = figures.heatmap([[1.0]])
+    view.show(fresh)
+    assert view.figure is fresh and len(view.outputs) == 1
+
+
+def test_the_lens_and_xielu_explorers_draw_into_figure_views(random_model):
+    from workbench.widgets.lens import LensExplorer
+    from workbench.widgets.xielu import XIELUExplorer
+    from workbench.xielu import xielu_statistics
+
+    lens = LensExplorer(random_model, "w1 w2 w3 w1 w2", answer=" w3", wrong=" w4")
+    for view in (lens.lens, lens.trajectory, lens.attribution):
+        assert isinstance(view, figures.FigureView) and PLOTLY in view.outputs[0]["data"]
+    assert lens.lens.data[0].z.shape[0] == random_model.cfg.n_layers + 1
+    lens.run(answer="")
+    assert "Type an answer" in lens.status.value
+    lens.run(prompt="w1 w2", answer="not a token at all")
+    assert "wb-error" in lens.status.value
+
+    stats = xielu_statistics(random_model, ["w1 w2 w3", "w4 w5 w6 w7"], batch_size=2, progress=False)
+    xielu = XIELUExplorer(random_model, stats, layer=0)
+    title = xielu.curve.layout.title.text
+    xielu.show(layer=2)
+    assert xielu.curve.layout.title.text != title and xielu.curve.layout.title.text.startswith("Layer 2")
+    xielu.share_kind.value = "output"
+    assert "MLP output" in xielu.shares.layout.title.text
+    assert PLOTLY in xielu.shares.outputs[0]["data"]
+
+
+@pytest.mark.parametrize("n", [3, 40])
+def test_head_grids_have_one_panel_per_head(n):
+    fig = figures.heatmap_grid([np.eye(4)] * n, [f"H{i}" for i in range(n)])
+    assert len(fig.data) == n and fig.layout.coloraxis.cmax == 1

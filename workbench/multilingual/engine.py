@@ -1,0 +1,34 @@
+"""The few engine calls the multilingual analyses share, all on the engine's public surface."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from workbench.names import act_name, resid_labels, resid_names
+
+__all__ = ["act_name", "batches", "ln_final", "resid_labels", "resid_names", "tokenize", "unembed"]
+
+
+def ln_final(model, resid: torch.Tensor) -> torch.Tensor:
+    """The final RMSNorm (with its weight) applied to ``resid`` with its own scale: the logit lens."""
+    return model.ln_final(resid)
+
+
+def unembed(model, normed: torch.Tensor) -> torch.Tensor:
+    """Logits from a normalised residual stream (the model's own output head)."""
+    return model.unembed(normed)
+
+
+def tokenize(model, texts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-padded ``(tokens [b, pos], mask [b, pos])`` with BOS first (the engine's padding rule), so
+    that each text's last token is at ``mask.sum(1) - 1``."""
+    return model.tokenize(list(texts), padding_side="right")
+
+
+def batches(n: int, batch_size: int) -> list[range]:
+    """Index ranges covering ``n`` items ``batch_size`` at a time."""
+    if not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive integer, not {batch_size!r}.")
+    return [range(s, min(n, s + batch_size)) for s in range(0, n, batch_size)]

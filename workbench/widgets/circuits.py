@@ -1,0 +1,47 @@
+"""`CircuitView(result, graph)`: choose a circuit's size (and which inputs to show) and see its graph.
+
+State is plain attributes (`circuit`, `figure`, `count`, `inputs`) so tests can drive it without a browser.
+"""
+
+from __future__ import annotations
+
+import ipywidgets as widgets
+import plotly.graph_objects as go
+
+from workbench.circuits import Circuit, EdgeResult, Graph
+
+KINDS = ("q", "k", "v", "mlp", "logits")
+
+
+class CircuitView:
+    """A slider for the number of top edges, toggles for the input kinds, and the circuit's graph view."""
+
+    def __init__(self, result: EdgeResult, graph: Graph, count: int = 20) -> None:
+        self.result, self.graph = result, graph
+        n = len(result.rows)
+        self.count = widgets.IntSlider(value=min(count, n), min=1, max=n, description="top edges")
+        self.inputs = widgets.SelectMultiple(options=KINDS, value=KINDS, description="inputs", rows=5)
+        self.figure = go.FigureWidget()
+        self.table = widgets.HTML()
+        self.count.observe(lambda _: self.refresh(), "value")
+        self.inputs.observe(lambda _: self.refresh(), "value")
+        self.widget = widgets.VBox([widgets.HBox([self.count, self.inputs]), self.figure, self.table])
+        self.refresh()
+
+    def refresh(self) -> Circuit:
+        """Rebuild the circuit from the current choices and redraw."""
+        keep = self.result.rows["input"].isin(self.inputs.value).to_numpy().nonzero()[0]
+        shown = self.result.subset(keep)
+        self.circuit = (
+            Circuit.top(shown, self.graph, count=min(self.count.value, len(keep))) if len(keep) else None
+        )
+        fig = self.circuit.figure() if self.circuit else go.Figure()
+        with self.figure.batch_update():
+            self.figure.data = ()
+            for trace in fig.data:
+                self.figure.add_trace(trace)
+            self.figure.layout = fig.layout
+        self.table.value = (
+            self.circuit.table.to_html(float_format=lambda x: f"{x:+.3f}") if self.circuit else ""
+        )
+        return self.circuit
