@@ -17,6 +17,7 @@ MIN_FIGURES = {
     "03_probing": 3,
     "04_xielu": 3,
     "05_residual_stream": 6,
+    "06_steering_and_ablation": 3,  # induction accuracy bars, the steering sweep, the steering view
 }
 
 

@@ -12,6 +12,7 @@ import numpy as np
 import plotly.graph_objects as go
 import torch
 
+from workbench import figures
 from workbench.interventions import Steer, SteeringVector, contrastive_vector
 from workbench.token_text import escape_label
 
@@ -69,7 +70,7 @@ class SteeringView(widgets.VBox):
         )
         self.plain = widgets.HTML()
         self.steered = widgets.HTML()
-        self.figure = go.FigureWidget()
+        self.figure = figures.FigureView()
         self.status = widgets.HTML()
         for control in (self.prompt, self.layer, self.source, self.coefficient):
             control.observe(lambda change: self.update(), names="value")
@@ -122,31 +123,29 @@ class SteeringView(widgets.VBox):
     def _draw(self) -> None:
         a, b = (escape_label(t) for t in self.tokens)
         current = self._logit_diff(self.coefficient.value)
-        with self.figure.batch_update():
-            self.figure.data = []
-            self.figure.add_scatter(
-                x=self.coefficients, y=self.logit_diffs, mode="lines+markers", name="sweep"
-            )
-            self.figure.add_scatter(x=[self.coefficient.value], y=[current], mode="markers", name="now",
-                                    marker={"size": 12, "symbol": "diamond"})  # fmt: skip
-            self.figure.update_layout(
-                title=f"logit({a}) - logit({b}) at the last prompt token",
-                xaxis_title="coefficient",
-                yaxis_title="logit difference",
-                height=320,
-                shapes=[
-                    {
-                        "type": "line",
-                        "xref": "paper",
-                        "x0": 0,
-                        "x1": 1,
-                        "y0": 0,
-                        "y1": 0,
-                        "line": {"dash": "dot", "color": "grey"},
-                    }
-                ],  # fmt: skip
-                margin={"t": 40, "b": 40},
-            )
+        fig = go.Figure()
+        fig.add_scatter(x=self.coefficients, y=self.logit_diffs, mode="lines+markers", name="sweep")
+        fig.add_scatter(x=[self.coefficient.value], y=[current], mode="markers", name="now",
+                        marker={"size": 12, "symbol": "diamond"})  # fmt: skip
+        fig.update_layout(
+            title=f"logit({a}) - logit({b}) at the last prompt token",
+            xaxis_title="coefficient",
+            yaxis_title="logit difference",
+            height=320,
+            margin={"t": 40, "b": 40},
+            shapes=[
+                {
+                    "type": "line",
+                    "xref": "paper",
+                    "x0": 0,
+                    "x1": 1,
+                    "y0": 0,
+                    "y1": 0,
+                    "line": {"dash": "dot", "color": "grey"},
+                }
+            ],  # fmt: skip
+        )
+        self.figure.show(fig)
 
 
 def _column(title: str, body: widgets.HTML) -> widgets.VBox:
