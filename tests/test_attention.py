@@ -270,7 +270,8 @@ def test_axes_are_labelled_with_the_tokens(random_model):
     explorer = AttentionExplorer(random_model, PROMPT)
     layout = explorer.figure.layout
     # "<s>" would be read as a tag: escaped, and numbered so that a repeated token keeps its own column
-    tokens = [f"{i}: {html.escape(t)}" for i, t in enumerate(random_model.to_str_tokens(PROMPT))]
+    shown = random_model.token_labels(random_model.to_tokens(PROMPT)[0])  # display text: "␣w1"
+    tokens = [f"{i}: {html.escape(t)}" for i, t in enumerate(shown)]
     assert tokens[0] == "0: &lt;s&gt;"
     assert list(layout.xaxis.ticktext) == tokens and list(layout.yaxis.ticktext) == tokens
     assert list(layout.xaxis.tickvals) == list(range(len(tokens)))

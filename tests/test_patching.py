@@ -179,16 +179,16 @@ def test_neurons_at_later_positions_run_only_from_there_and_equal_a_full_patched
 ):
     """Neurons patched at chosen positions recompute only from the first of them (the base run's keys and
     values before it); each equals one full forward with that neuron copied at those positions."""
-    import workbench.patching.experiment as experiment_module
+    import workbench.patching.runner as runner_module
 
     widths = []
-    forward_from = experiment_module.forward_from
+    forward_from = runner_module.forward_from
 
     def recording(model, joins, entry, *args):
         widths.extend(e.shape[1] for e in entry.values())
         return forward_from(model, joins, entry, *args)
 
-    monkeypatch.setattr(experiment_module, "forward_from", recording)
+    monkeypatch.setattr(runner_module, "forward_from", recording)
     clean, corrupted = tokens
     experiment = PatchingExperiment(random_model, clean, corrupted, ANSWERS)
     cells = [(1, n) for n in range(0, random_model.cfg.d_mlp, 29)]
@@ -415,7 +415,7 @@ def test_table_and_figure_carry_tokens_and_kv_groups(random_model, tokens):
     assert list(table.columns)[:5] == ["layer", "pos", "token", "value", "raw"]
     assert table["token"].tolist()[:10] == random_model.token_labels(clean[0])
     fig = resid.figure()
-    assert len(fig.data[0].z) == 3 and len(fig.data[0].z[0]) == 10 and fig.data[0].x[4] == "4: w9"
+    assert len(fig.data[0].z) == 3 and len(fig.data[0].z[0]) == 10 and fig.data[0].x[4] == "4:␣w9"
     k = experiment.run("k", "logit_diff", progress=False).table
     assert k["query_heads"].tolist()[:2] == ["0,1", "2,3"]  # 4 query heads share 2 KV heads
     by_pos = experiment.run("heads_by_pos", "logit_diff", progress=False).figure()

@@ -8,6 +8,7 @@ from __future__ import annotations
 import ipywidgets as widgets
 import plotly.graph_objects as go
 
+from workbench import figures
 from workbench.circuits import Circuit, EdgeResult, Graph
 
 KINDS = ("q", "k", "v", "mlp", "logits")
@@ -21,7 +22,7 @@ class CircuitView:
         n = len(result.rows)
         self.count = widgets.IntSlider(value=min(count, n), min=1, max=n, description="top edges")
         self.inputs = widgets.SelectMultiple(options=KINDS, value=KINDS, description="inputs", rows=5)
-        self.figure = go.FigureWidget()
+        self.figure = figures.FigureView()  # plotly mime type: the saved notebook keeps no plotly.js
         self.table = widgets.HTML()
         self.count.observe(lambda _: self.refresh(), "value")
         self.inputs.observe(lambda _: self.refresh(), "value")
@@ -36,11 +37,7 @@ class CircuitView:
             Circuit.top(shown, self.graph, count=min(self.count.value, len(keep))) if len(keep) else None
         )
         fig = self.circuit.figure() if self.circuit else go.Figure()
-        with self.figure.batch_update():
-            self.figure.data = ()
-            for trace in fig.data:
-                self.figure.add_trace(trace)
-            self.figure.layout = fig.layout
+        self.figure.show(fig)
         self.table.value = (
             self.circuit.table.to_html(float_format=lambda x: f"{x:+.3f}") if self.circuit else ""
         )

@@ -13,14 +13,14 @@ import html
 from typing import Any
 
 import ipywidgets as widgets
-import plotly.graph_objects as go
 
+from workbench import figures
 from workbench.sae import FeatureStatistics, SparseAutoencoder, feature_output_tokens, nearest_features
 from workbench.widgets.tokens import colored_tokens_html
 
 
 class FeatureView:
-    """Control: ``feature`` (BoundedIntText). ``histogram`` (FigureWidget), ``panel`` (HTML).
+    """Control: ``feature`` (BoundedIntText). ``histogram`` (a figures.FigureView), ``panel`` (HTML).
     Display ``view.widget``."""
 
     def __init__(
@@ -41,7 +41,7 @@ class FeatureView:
             layout=widgets.Layout(width="180px"),
         )
         self.feature.add_class("wb-sae-feature")
-        self.histogram = go.FigureWidget(stats.histogram_figure(feature))
+        self.histogram = figures.FigureView(stats.histogram_figure(feature))
         self.panel = widgets.HTML()
         self.feature.observe(lambda _: self._refresh(), names="value")
         self.widget = widgets.VBox(
@@ -58,10 +58,7 @@ class FeatureView:
 
     def _refresh(self) -> None:
         f = self.feature.value
-        fresh = self.stats.histogram_figure(f)
-        with self.histogram.batch_update():
-            self.histogram.data[0].x, self.histogram.data[0].y = fresh.data[0].x, fresh.data[0].y
-            self.histogram.layout.title = fresh.layout.title
+        self.histogram.show(self.stats.histogram_figure(f))
         self.panel.value = feature_html(self.model, self.sae, self.stats, f, self.n_examples)
 
 
