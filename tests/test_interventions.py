@@ -188,3 +188,26 @@ def test_ablating_the_induction_heads_collapses_induction(tiny):
     assert 0.005 < base - best_alone < 0.05
     assert all_of_them < 0.02
     assert base - resampled > 0.2
+
+
+def test_an_intervention_applies_to_a_patching_experiment(tiny):
+    """Built and run inside `applied`, an experiment's reference and patched runs all carry the intervention:
+    with head L1H3 zeroed everywhere, patching it copies zeros onto zeros and restores nothing, where the
+    plain model's L1H3 restores most of the clean logit difference (notebook 07)."""
+    from workbench.patching import PatchingExperiment
+
+    clean = "When Mary and John went to the store, John gave a drink to"
+    corrupted = "When Mary and John went to the store, Mary gave a drink to"
+    answers = (" Mary", " John")
+    plain = PatchingExperiment(tiny, clean, corrupted, answers).run("heads", progress=False)
+    with ablate_heads(1, [3]).applied(tiny):
+        experiment = PatchingExperiment(tiny, clean, corrupted, answers)
+        ablated = experiment.run("heads", progress=False)
+
+    def cell(result):
+        return float(result.table.query("layer == 1 and head == 3")["value"].iloc[0])
+
+    assert cell(plain) > 0.5
+    assert cell(ablated) == pytest.approx(0.0, abs=1e-9)
+    assert ablated.clean_value != pytest.approx(plain.clean_value)  # the reference runs were ablated too
+    assert all(not point.fwd_hooks for point in tiny.hook_dict.values())
