@@ -238,7 +238,7 @@ def logit_lens_figure(model: HookedApertus, prompt: str | torch.Tensor, k: int =
         colorbar_title="p(top)",
         title="Logit lens: the top token read from each layer's residual stream",
         x_title="position: input token",
-        y_title="residual stream after",
+        y_title="residual stream (i_pre: input of layer i)",
     )
 
 
