@@ -55,10 +55,3 @@ def load_result(path: str | Path) -> tuple[str, dict[str, Any], pd.DataFrame]:
     meta = json.loads(meta_path(path).read_text())
     values = pd.DataFrame(**json.loads(path.read_text()))
     return meta.pop("kind"), meta, values
-
-
-def model_fingerprint(model) -> str:
-    """The model's identity (`workbench.identity.model_identity`: a hash of every weight)."""
-    from workbench.identity import model_identity
-
-    return model_identity(model)

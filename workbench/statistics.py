@@ -91,3 +91,14 @@ def bootstrap_ratio_ci(
     alpha = (1 - confidence) / 2
     low, high = torch.quantile(ratios, torch.tensor([alpha, 1 - alpha], dtype=torch.float64))
     return float(low), float(high)
+
+
+def agreement_of(a: pd.Series, b: pd.Series, count: str) -> pd.Series:
+    """Pearson and Spearman correlation of two aligned score columns, their number and largest difference
+    (exact against approximate patching, node or edge)."""
+    if len(a) < 2:
+        raise ValueError(f"Fewer than two shared {count}: nothing to correlate.")
+    return pd.Series(
+        {"pearson": a.corr(b), "spearman": a.corr(b, method="spearman"), count: len(a),
+         "max_abs_diff": (a - b).abs().max()}
+    )  # fmt: skip

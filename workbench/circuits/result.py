@@ -113,14 +113,4 @@ def agreement(exact: EdgeResult, approx: EdgeResult) -> pd.Series:
     a = exact.rows[keys].assign(score=exact.scores.tolist())
     b = approx.rows[keys].assign(score=approx.scores.tolist())
     merged = a.merge(b, on=keys, suffixes=("_exact", "_approx"))
-    if len(merged) < 2:
-        raise ValueError("Fewer than two shared edges: nothing to correlate.")
-    x, y = merged["score_exact"], merged["score_approx"]
-    return pd.Series(
-        {
-            "pearson": x.corr(y),
-            "spearman": x.corr(y, method="spearman"),
-            "edges": len(merged),
-            "max_abs_diff": (x - y).abs().max(),
-        }
-    )
+    return statistics.agreement_of(merged["score_exact"], merged["score_approx"], "edges")

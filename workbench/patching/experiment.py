@@ -16,6 +16,7 @@ import torch
 from tqdm.auto import tqdm
 
 from workbench.hooked_model import HookedApertus
+from workbench.identity import model_identity
 from workbench.patching import metrics, runner, sweeps
 from workbench.patching.attribution import attribution_per_pair
 from workbench.patching.components import (
@@ -187,9 +188,7 @@ class PatchingExperiment:
 
     def describe(self) -> dict[str, Any]:
         """What a saved result needs to say where it came from: the model's identity and the prompts."""
-        from workbench.saved import model_fingerprint
-
-        return {"model_identity": model_fingerprint(self.model), **self.prompts}
+        return {"model_identity": model_identity(self.model), **self.prompts}
 
     # ------------------------------------------------------------------------------------ one patched run
     def patched_logits(

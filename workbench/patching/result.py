@@ -210,14 +210,4 @@ def correlation(exact: PatchResult, approx: PatchResult) -> pd.Series:
         return pd.DataFrame(result.cells, columns=keys).assign(value=result.values.tolist())
 
     merged = frame(exact).merge(frame(approx), on=keys, suffixes=("_a", "_b"))
-    if len(merged) < 2:
-        raise ValueError("Fewer than two shared cells: nothing to correlate.")
-    a, b = merged["value_a"], merged["value_b"]
-    return pd.Series(
-        {
-            "pearson": a.corr(b),
-            "spearman": a.corr(b, method="spearman"),
-            "cells": len(merged),
-            "max_abs_diff": (a - b).abs().max(),
-        }
-    )
+    return statistics.agreement_of(merged["value_a"], merged["value_b"], "cells")
