@@ -26,8 +26,10 @@ chromium:
 lab: setup
 	$(VENV)/bin/jupyter lab --ip=127.0.0.1 --ServerApp.root_dir=notebooks $(ROOT_FLAG)
 
+# Two workers (pytest-xdist): the suite is mostly Python-bound small models, notebooks and a browser, so two
+# processes on two cores take about half the time; `loadgroup` keeps the Ray tests (one local cluster) on one worker.
 test: setup chromium
-	$(PY) -m pytest
+	$(PY) -m pytest -n 2 --dist loadgroup
 
 lint: setup
 	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .

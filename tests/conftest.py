@@ -11,7 +11,13 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-torch.set_num_threads(min(2, torch.get_num_threads()))
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # `make test` runs two workers on a 2-core machine: one thread each (and in the notebook kernels and Ray
+    # workers they start, which read OMP_NUM_THREADS) instead of four threads fighting for two cores.
+    os.environ["OMP_NUM_THREADS"] = "1"
+    torch.set_num_threads(1)
+else:
+    torch.set_num_threads(min(2, torch.get_num_threads()))
 # transformers warns once per process that the fused CUDA xIELU kernel is absent on CPU: expected here.
 logging.getLogger("transformers.activations").setLevel(logging.ERROR)
 

@@ -20,6 +20,8 @@ from workbench.probing import harvest
 from workbench.xielu import xielu_statistics
 
 ray = pytest.importorskip("ray")
+# One local Ray cluster per test process: under `pytest -n 2 --dist loadgroup` these tests share one worker.
+pytestmark = pytest.mark.xdist_group("ray")
 
 
 @pytest.fixture(scope="module")
@@ -147,10 +149,8 @@ def test_distributed_statistics_equal_the_in_process_ones_after_a_kill(cluster, 
     local = single_threaded(
         lambda: xielu_statistics(model, PROMPTS, batch_size=4, shard_prompts=4, progress=False)
     )
-    plain = xielu_statistics(
-        model, PROMPTS, batch_size=4, shard_prompts=4, progress=False, executor=RayExecutor(num_workers=2)
-    )
-    stats_equal(plain, local)
+    # One Ray run, killed mid-way: its result equal to the in-process one shows both that the distributed pass
+    # is exact and that a restarted worker's shard is rerun (an unkilled run would start two more actors).
     executor = RayExecutor(num_workers=2, max_retries=2)
     killed = []
 

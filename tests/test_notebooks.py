@@ -65,9 +65,8 @@ def test_notebook_runs_and_saved_it_travels(path, tmp_path):
 
 
 def _record_size(name: str, size: int) -> None:
-    """test-output/notebook-sizes.json: the measured sizes, for the README."""
-    out = REPO / "test-output" / "notebook-sizes.json"
-    out.parent.mkdir(exist_ok=True)
-    sizes = json.loads(out.read_text()) if out.exists() else {}
-    sizes[name] = size
-    out.write_text(json.dumps(sizes, indent=1, sort_keys=True))
+    """test-output/notebook-sizes/<name>.json: the measured size, for the README (one file per notebook, so
+    that the suite's parallel workers never overwrite each other's figures)."""
+    out = REPO / "test-output" / "notebook-sizes" / f"{name}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"notebook": name, "bytes": size}))
