@@ -131,10 +131,43 @@ class Lab:
         self.page.locator(".jp-NotebookPanel .jp-Notebook .jp-Cell").first.wait_for(timeout=timeout_s * 1000)
         self.wait_for_idle(timeout_s)
 
+    def open_notebook_without_kernel(self, name: str, timeout_s: float = 60) -> None:
+        """Open <root>/<name> with no kernel: none is started and none is asked for (the kernel preference
+        `shouldStart: false`, which `docmanager:open` takes since JupyterLab 4.5; a kernel can still be picked
+        later). Returns once the notebook's session context is ready, i.e. settled on having no kernel."""
+        self.page.goto(f"{self.base_url}/lab?token={self.token}", timeout=timeout_s * 1000)
+        self.page.wait_for_function(
+            "() => window.jupyterapp && window.jupyterapp.commands.hasCommand('docmanager:open')",
+            timeout=timeout_s * 1000,
+        )
+        self.page.evaluate(
+            """(path) => window.jupyterapp.commands
+                .execute('docmanager:open', {path, kernelPreference: {shouldStart: false}})
+                .then(() => null)""",
+            name,
+        )
+        self.page.locator(".jp-NotebookPanel .jp-Notebook .jp-Cell").first.wait_for(timeout=timeout_s * 1000)
+        self.page.wait_for_function(
+            "() => window.jupyterapp.shell.currentWidget.sessionContext.isReady", timeout=timeout_s * 1000
+        )
+
     def kernel_status(self) -> str:
-        """The status bar's kernel item, e.g. 'Python 3 (ipykernel) | Idle'."""
+        """The status bar's kernel item, e.g. 'Python 3 (ipykernel) | Idle', 'No Kernel | Unknown'."""
         items = [" ".join(t.split()) for t in self.page.locator(".jp-StatusBar-Item").all_inner_texts()]
-        return next((t for t in items if t.endswith(("| Idle", "| Busy", "| Starting", "| Connecting"))), "")
+        states = ("Idle", "Busy", "Starting", "Connecting", "Initializing", "Unknown")
+        return next((t for t in items if t.endswith(tuple(f"| {s}" for s in states))), "")
+
+    def toolbar_kernel_name(self) -> str:
+        """The kernel name in the notebook's toolbar, e.g. 'No Kernel'."""
+        return self.page.locator(".jp-NotebookPanel-toolbar .jp-KernelName").first.inner_text().strip()
+
+    def api(self, path: str):
+        """GET the server's REST API at /api/<path> (e.g. 'sessions', 'kernels'): the decoded JSON."""
+        request = urllib.request.Request(
+            f"{self.base_url}/api/{path}", headers={"Authorization": f"token {self.token}"}
+        )
+        with urllib.request.urlopen(request, timeout=10) as reply:
+            return json.loads(reply.read())
 
     def wait_for_idle(self, timeout_s: float = 60) -> None:
         # "Idle" shows before a kernel exists ("No Kernel | Idle"); a Run All sent then is dropped silently:
