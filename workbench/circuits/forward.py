@@ -9,7 +9,9 @@ d metric / d (receiver input), what edge attribution multiplies by (alt_u - base
 
 The queries/keys/values are recomputed from the receiver's input with the layer's own norm weight and
 W_Q/W_K/W_V (norm in float32, as `HookedRMSNorm`); the MLP's and the logits' inputs replace the output of
-`ln2`/`ln_final`'s normalisation.
+`ln2`/`ln_final`'s normalisation. An MLP's input is thus resid_mid before `ln2` (the norm is part of the
+receiver, as in EAP), and its copy feeds only the MLP, never the skip connection: its gradient is the MLP
+branch's alone, as TransformerLens's backward hook on the bridge's `hook_mlp_in` measures it.
 """
 
 from __future__ import annotations

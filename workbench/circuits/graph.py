@@ -7,8 +7,10 @@ any layer is exactly the sum of the senders before it.
 Receivers (what reads the residual stream): each query head's queries ("q", per query head), each KV
 head's keys and values ("k", "v", per KV head: in grouped-query attention one KV head serves the
 `group` query heads h with h // group == kv_head, so its key/value edges are shared by all of them), each
-MLP's input, and the logits. An edge runs from every sender to every receiver downstream of it: heads of
-layer l read senders of layers < l, the MLP of layer l also reads layer l's heads, the logits read all.
+MLP's input (the residual stream after its layer's attention, before `ln2`), and the logits (the final
+residual stream, before `ln_final`). An edge runs from every sender to every receiver downstream of it:
+heads of layer l read senders of layers < l, the MLP of layer l also reads layer l's heads, the logits read
+all.
 """
 
 from __future__ import annotations
