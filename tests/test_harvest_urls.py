@@ -166,3 +166,10 @@ def test_probes_and_sae_sources_read_a_url_harvest(model, local, remote):
     assert source.width == reference.width == model.cfg.d_model and source.sizes == reference.sizes
     for shard in range(len(source.sizes)):
         assert torch.equal(source.read(shard), reference.read(shard))
+
+
+def test_an_unknown_protocol_is_named_with_the_fix(model, data):
+    with pytest.raises(ValueError, match=r"'nosuchfs://x/h'[\s\S]*install the filesystem's package"):
+        harvest(model, data, "nosuchfs://x/h", **SETTINGS)
+    with pytest.raises(ValueError, match="nosuchfs"):
+        Harvest.open("nosuchfs://x/h")

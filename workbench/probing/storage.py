@@ -145,7 +145,13 @@ class UrlFolder:
         import fsspec
 
         self.location = url.rstrip("/")
-        self.fs, self.root = fsspec.core.url_to_fs(self.location)
+        try:
+            self.fs, self.root = fsspec.core.url_to_fs(self.location)
+        except (ImportError, ValueError) as error:  # an unknown protocol, or its package is not installed
+            raise type(error)(
+                f"Cannot open the harvest folder {url!r} through fsspec ({error}): install the filesystem's "
+                "package (s3fs for s3://, gcsfs for gs://, adlfs for az://), or pass a local path."
+            ) from error
         self.root = self.root.rstrip("/")
         # Another process (a worker, an earlier run) may have written here: do not trust a listing cache.
         self.fs.invalidate_cache(self.root)
