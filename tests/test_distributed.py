@@ -68,9 +68,11 @@ def test_a_distributed_harvest_equals_the_in_process_one(cluster, model, data, t
     local = single_threaded(
         lambda: harvest(model, data, tmp_path / "local", shard_sentences=8, progress=False)
     )
-    remote = harvest(
-        model, data, tmp_path / "ray", shard_sentences=8, progress=False, executor=RayExecutor(num_workers=2)
-    )
+    # The workers get the folder as an fsspec URL (what s3:// or gs:// would be on a cluster); the
+    # killed-worker test below harvests into a plain path.
+    url = f"file://{tmp_path / 'ray'}"
+    remote = harvest(model, data, url, shard_sentences=8, progress=False, executor=RayExecutor(num_workers=2))
+    assert remote.folder == url
     ours, manifest = digests(tmp_path / "ray")
     assert ours == digests(tmp_path / "local")[0] and len(ours) == 6
     assert all(":" in shard["worker"] for shard in manifest["shards"])  # host:pid of the worker

@@ -6,7 +6,8 @@ after every layer) with its label, word type, sentence and position. The forward
 a hook needs (``stop_at_layer``) and the hooks keep only the labelled positions, so nothing else is stored.
 
 On disk a harvest is a folder of safetensors shards (one per ``shard_sentences`` sentences, written to a
-temporary name and renamed) and a ``manifest.json`` listing the finished shards. Memory is bounded by one
+temporary name and renamed) and a ``manifest.json`` listing the finished shards; the folder is a local path or
+any fsspec URL (:mod:`workbench.probing.storage`). Memory is bounded by one
 shard whatever the dataset size; an interrupted harvest resumes from the manifest when called again with
 the same model, data and hooks (a fingerprint of all three is checked).
 """
@@ -14,23 +15,21 @@ the same model, data and hooks (a fingerprint of all three is checked).
 from __future__ import annotations
 
 import json
-import os
 import re
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
-from functools import partial
+from functools import cached_property, partial
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
-from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 from workbench import executors
 from workbench.data.alignment import IGNORE, EncodedDataset, TokenLabelledDataset
-from workbench.identity import file_digest, model_identity
+from workbench.identity import model_identity
+from workbench.probing.storage import LocalFolder, UrlFolder, open_folder
 
 __all__ = [
     "CorruptHarvestError",
@@ -112,14 +111,14 @@ class CorruptHarvestError(ValueError):
     """A harvest folder whose manifest or shards do not match what was written."""
 
 
-def _fix(folder: Path) -> str:
+def _fix(folder: Any) -> str:
     return f"rerun harvest(..., {str(folder)!r}, overwrite=True) to recompute it"
 
 
-def _read_manifest(folder: Path) -> dict:
-    path = folder / MANIFEST
+def _read_manifest(folder: LocalFolder | UrlFolder) -> dict:
+    path = folder.where(MANIFEST)
     try:
-        manifest = json.loads(path.read_text())
+        manifest = json.loads(folder.read_text(MANIFEST))
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise CorruptHarvestError(
             f"{path} is not valid JSON ({error}; truncated by an interrupted write?): {_fix(folder)}."
@@ -138,7 +137,7 @@ def _read_manifest(folder: Path) -> dict:
     return manifest
 
 
-def _inside(folder: Path, name: Any) -> Path:
+def _inside(folder: LocalFolder | UrlFolder, name: Any) -> str:
     # A manifest names files of its own folder only: no absolute paths, no "..", no sub-folders, no links out.
     if not isinstance(name, str) or not _SHARD_NAME.fullmatch(name):
         raise CorruptHarvestError(
@@ -146,25 +145,24 @@ def _inside(folder: Path, name: Any) -> Path:
             f"(expected a name like shard-00000.safetensors): the harvest is corrupt and is not read; "
             f"{_fix(folder)} (files outside the folder are never touched)."
         )
-    path = folder / name
-    if path.is_symlink() or path.resolve().parent != folder.resolve():
+    if folder.leads_outside(name):
         raise CorruptHarvestError(
-            f"{path} leads outside the harvest folder: the harvest is corrupt and is not read; "
+            f"{folder.where(name)} leads outside the harvest folder: the harvest is corrupt and is not read; "
             f"{_fix(folder)}."
         )
-    return path
+    return name
 
 
-def _verify_shard(folder: Path, shard: dict) -> None:
+def _verify_shard(folder: LocalFolder | UrlFolder, shard: dict) -> None:
     """The shard's file exists with the size and XXH3-128 checksum the manifest recorded."""
-    path = _inside(folder, shard["file"])
-    if not path.is_file():
+    name = _inside(folder, shard["file"])
+    if not folder.is_file(name):
         problem = "is missing"
     elif "bytes" not in shard or "xxh3_128" not in shard:
         problem = "has no checksum in the manifest (written by an older workbench)"
-    elif path.stat().st_size != shard["bytes"]:
-        problem = f"has {path.stat().st_size} bytes, the manifest recorded {shard['bytes']} (truncated?)"
-    elif file_digest(path) != shard["xxh3_128"]:
+    elif (size := folder.size(name)) != shard["bytes"]:
+        problem = f"has {size} bytes, the manifest recorded {shard['bytes']} (truncated?)"
+    elif folder.digest(name) != shard["xxh3_128"]:
         problem = "does not match its checksum in the manifest (edited, swapped or damaged)"
     else:
         return
@@ -173,19 +171,26 @@ def _verify_shard(folder: Path, shard: dict) -> None:
 
 @dataclass
 class Harvest:
-    """A harvest folder: the manifest and, on demand, the features (shards verified, then read one by one)."""
+    """A harvest folder: the manifest and, on demand, the features (shards verified, then read one by one).
 
-    folder: Path
+    folder: a local path, or an fsspec URL (``s3://bucket/harvest``, ``memory://...``) kept as that string."""
+
+    folder: Path | str
     manifest: dict
 
     @classmethod
     def open(cls, folder: str | Path) -> Harvest:
-        folder = Path(folder)
-        if not (folder / MANIFEST).exists():
+        """The harvest in ``folder``: a local path or any fsspec URL."""
+        storage = open_folder(folder)
+        if not storage.has(MANIFEST):
             raise FileNotFoundError(
-                f"{folder} holds no harvest ({MANIFEST} missing): run probing.harvest(...) first."
+                f"{storage} holds no harvest ({MANIFEST} missing): run probing.harvest(...) first."
             )
-        return cls(folder, _read_manifest(folder))
+        return cls(storage.location, _read_manifest(storage))
+
+    @cached_property
+    def _storage(self) -> LocalFolder | UrlFolder:
+        return open_folder(self.folder)
 
     @property
     def hooks(self) -> list[str]:
@@ -226,7 +231,7 @@ class Harvest:
                 "again with the same arguments to finish it."
             )
         for shard in self.manifest["shards"]:
-            _verify_shard(self.folder, shard)
+            _verify_shard(self._storage, shard)
 
     def check_hooks(self, hooks: list[str]) -> list[str]:
         unknown = [h for h in hooks if h not in self.hooks]
@@ -239,21 +244,32 @@ class Harvest:
         Each piece's row count is checked against the manifest."""
         if verify:
             self.verify()
-        for shard in self.manifest["shards"]:
-            path = _inside(self.folder, shard["file"])
-            with safe_open(path, framework="pt") as reader:
-                if key not in reader.keys():  # noqa: SIM118 (safe_open has no __contains__)
-                    raise CorruptHarvestError(
-                        f"Shard {shard['file']} of the harvest in {self.folder} has no {key!r}: "
-                        f"{_fix(self.folder)}."
-                    )
-                tensor = reader.get_tensor(key)
+        for index, shard in enumerate(self.manifest["shards"]):
+            tensor = self.shard_tensor(index, key)
             if tensor.shape[0] != shard["tokens"]:
                 raise CorruptHarvestError(
                     f"Shard {shard['file']} of the harvest in {self.folder} holds {tensor.shape[0]} rows of "
                     f"{key!r}, the manifest recorded {shard['tokens']}: {_fix(self.folder)}."
                 )
             yield tensor
+
+    def shard_tensor(self, index: int, key: str) -> torch.Tensor:
+        """One tensor of the ``index``-th finished shard, read as it is (:meth:`verify` checks checksums)."""
+        return self._read_shard(index, key, "tensor")
+
+    def shard_shape(self, index: int, key: str) -> list[int]:
+        """The shape of one tensor of the ``index``-th finished shard, read from the file's header only."""
+        return self._read_shard(index, key, "shape")
+
+    def _read_shard(self, index: int, key: str, what: str) -> Any:
+        shard = self.manifest["shards"][index]
+        name = _inside(self._storage, shard["file"])
+        found = getattr(self._storage, what)(name, key)
+        if found is None:
+            raise CorruptHarvestError(
+                f"Shard {shard['file']} of the harvest in {self.folder} has no {key!r}: {_fix(self.folder)}."
+            )
+        return found
 
     def load(self, hooks: list[str] | None = None) -> dict[str, torch.Tensor]:
         """Every labelled token: ``{hook name: [n, width]}`` features plus labels, types, sentence,
@@ -292,6 +308,9 @@ def harvest(
 ) -> Harvest:
     """Run ``model`` over ``data`` and store each labelled token's activation at every hook in ``folder``.
 
+    folder: a local path, or any fsspec URL (``s3://bucket/harvests/ewt``, ``gs://...``, ``file:///shared/...``;
+        the filesystem's fsspec package, e.g. s3fs, installed and its credentials configured as usual).
+
     data: an :class:`EncodedDataset`, or a :class:`TokenLabelledDataset`, then encoded with the model's
         tokenizer, labels on each word's first sub-token (``data.encode(...)`` yourself for other choices).
 
@@ -307,8 +326,8 @@ def harvest(
         is returned as it is.
     executor: where the shards are computed: None runs them here, in order; a
         :class:`workbench.executors.RayExecutor` runs them on Ray workers (one model replica each) that write
-        their shards into ``folder`` (a path every worker sees), recorded in the manifest with the worker's
-        name. The files are the same bytes either way.
+        their shards into ``folder`` (a path every worker sees, or a URL every worker reaches), recorded in
+        the manifest with the worker's name. The files are the same bytes either way.
     The model is identified by a hash of every weight (:func:`workbench.identity.model_identity`): a harvest
     never mixes the activations of two models. Hooks already attached to the model are recorded, and resuming
     with others attached warns (an observing hook changes nothing; an editing one would).
@@ -347,7 +366,7 @@ def harvest(
             "special token), so there is nothing to probe: label some words, or check the column you read."
         )
 
-    folder = Path(folder)
+    storage = open_folder(folder)
     n_shards = -(-len(data) // shard_sentences)
     manifest = {
         "format": FORMAT,
@@ -366,7 +385,7 @@ def harvest(
         "complete": False,
         "shards": [],
     }
-    manifest = _start_or_resume(folder, manifest, overwrite)
+    manifest = _start_or_resume(storage, manifest, overwrite)
     done = {shard["index"] for shard in manifest["shards"]}
     stop = _stop_at_layer(hooks, model.cfg.n_layers)
 
@@ -376,7 +395,7 @@ def harvest(
     job = partial(
         write_shard,
         data=data,
-        folder=str(folder),
+        folder=str(storage),
         hooks=hooks,
         stop=stop,
         batch_size=batch_size,
@@ -392,30 +411,29 @@ def harvest(
             manifest["shards"].append({**record, "worker": worker})
             manifest["shards"].sort(key=lambda shard: shard["index"])
             manifest["complete"] = len(manifest["shards"]) == n_shards
-            _write_manifest(folder, manifest)
+            _write_manifest(storage, manifest)
     finally:
         bar.close()
-    return Harvest(folder, manifest)
+    return Harvest(storage.location, manifest)
 
 
 def write_shard(
     model, k: int, progress, *, data, folder, hooks, stop, batch_size, shard_sentences, dtype
 ) -> dict:
-    """Harvest shard `k` into `folder` (written atomically) and return its manifest record: the job an
-    executor runs, in this process or on a worker that sees the same folder."""
-    folder = Path(folder)
+    """Harvest shard `k` into `folder` (a path or URL; written atomically) and return its manifest record: the
+    job an executor runs, in this process or on a worker that sees the same folder."""
     sentences = _shard_range(k, shard_sentences, len(data))
     seen = []
     tensors = _harvest_shard(model, data, sentences, hooks, stop, batch_size, dtype, progress or seen.append)
     name = f"shard-{k:05d}.safetensors"
-    _write_atomic(folder / name, lambda tmp, t=tensors: save_file(t, tmp))
+    size, digest = open_folder(folder).write_tensors(name, tensors)
     return {
         "index": k,
         "file": name,
         "sentences": [sentences.start, sentences.stop],
         "tokens": int(tensors["labels"].shape[0]),
-        "bytes": (folder / name).stat().st_size,
-        "xxh3_128": file_digest(folder / name),
+        "bytes": size,
+        "xxh3_128": digest,
         "worker_tokens_seen": sum(seen),
     }
 
@@ -473,10 +491,10 @@ def _harvest_shard(
 _SAME = ("format", "model", "data", "hooks", "dtype", "shard_sentences")
 
 
-def _start_or_resume(folder: Path, manifest: dict, overwrite: bool) -> dict:
-    if folder.exists() and not folder.is_dir():
+def _start_or_resume(folder: LocalFolder | UrlFolder, manifest: dict, overwrite: bool) -> dict:
+    if folder.is_file_itself():
         raise NotADirectoryError(f"{folder} is a file, not a folder: harvest into a folder.")
-    if (folder / MANIFEST).exists():
+    if folder.has(MANIFEST):
         try:
             old = _read_manifest(folder)
         except CorruptHarvestError:
@@ -501,12 +519,12 @@ def _start_or_resume(folder: Path, manifest: dict, overwrite: bool) -> dict:
                 )
     if folder.exists():
         _remove_own_files(folder, overwrite)
-    folder.mkdir(parents=True, exist_ok=True)
+    folder.make()
     _write_manifest(folder, manifest)
     return manifest
 
 
-def _resumable(folder: Path, old: dict, overwrite: bool) -> bool:
+def _resumable(folder: LocalFolder | UrlFolder, old: dict, overwrite: bool) -> bool:
     """Whether every finished shard is intact (then the harvest resumes); a damaged one is an error, or with
     overwrite=True a reason to start again."""
     try:
@@ -530,11 +548,11 @@ def _difference(differs: list[str], old: dict, new: dict) -> str:
     return "another " + "/".join(key for key in differs if key != "format")
 
 
-def _remove_own_files(folder: Path, overwrite: bool) -> None:
+def _remove_own_files(folder: LocalFolder | UrlFolder, overwrite: bool) -> None:
     """Empty the folder of a harvest's own files; refuse when anything else is there."""
-    entries = sorted(folder.iterdir())
-    own = [p for p in entries if _OWN_FILE.fullmatch(p.name) and p.is_file() and not p.is_symlink()]
-    others = [p.name for p in entries if p not in own]
+    entries = folder.entries()
+    own = [name for name, plain_file in entries if plain_file and _OWN_FILE.fullmatch(name)]
+    others = [name for name, _ in entries if name not in own]
     if others:
         shown = ", ".join(others[:5]) + (f" and {len(others) - 5} more" if len(others) > 5 else "")
         raise FileExistsError(
@@ -547,8 +565,8 @@ def _remove_own_files(folder: Path, overwrite: bool) -> None:
             f"{folder} holds harvest files but no valid manifest: pass overwrite=True to replace them, "
             "or harvest into another folder."
         )
-    for path in own:
-        path.unlink()
+    for name in own:
+        folder.remove(name)
 
 
 def _storage_dtype(dtype: Any) -> torch.dtype:
@@ -562,11 +580,5 @@ def _storage_dtype(dtype: Any) -> torch.dtype:
     return dtype
 
 
-def _write_atomic(path: Path, write) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    write(str(tmp))
-    os.replace(tmp, path)
-
-
-def _write_manifest(folder: Path, manifest: dict) -> None:
-    _write_atomic(folder / MANIFEST, lambda tmp: Path(tmp).write_text(json.dumps(manifest, indent=1)))
+def _write_manifest(folder: LocalFolder | UrlFolder, manifest: dict) -> None:
+    folder.write_text(MANIFEST, json.dumps(manifest, indent=1))

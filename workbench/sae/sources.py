@@ -13,7 +13,6 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 
 from workbench.data.alignment import LabelledSentence, TokenLabelledDataset
 from workbench.probing.harvest import Harvest
@@ -108,12 +107,10 @@ class HarvestSource(_Source):
         self.hook = hook
         self.shards = list(self.harvest.manifest["shards"])
         self.sizes = [int(s["tokens"]) for s in self.shards]
-        with safe_open(self.harvest.folder / self.shards[0]["file"], framework="pt") as f:
-            self.width = int(f.get_slice(hook).get_shape()[-1])
+        self.width = int(self.harvest.shard_shape(0, hook)[-1])
 
     def read(self, shard: int) -> torch.Tensor:
-        with safe_open(self.harvest.folder / self.shards[shard]["file"], framework="pt") as f:
-            return f.get_tensor(self.hook)
+        return self.harvest.shard_tensor(shard, self.hook)
 
     def fingerprint(self) -> str:
         m = self.harvest.manifest
