@@ -21,6 +21,7 @@ import json
 import os
 import re
 import secrets
+import shutil
 import signal
 import socket
 import subprocess
@@ -239,7 +240,7 @@ def jupyter_lab(
     tmp_path: Path,
     *,
     output_dir: Path | None = None,
-    root_dir: Path = NOTEBOOKS,
+    root_dir: Path | None = None,
     viewport: tuple[int, int] = (1400, 1000),
     user_settings: dict[str, dict] | None = None,
 ) -> Iterator[Lab]:
@@ -248,6 +249,12 @@ def jupyter_lab(
     `user_settings`: settings by plugin path, e.g. {"@jupyterlab/notebook-extension/tracker": {...}}."""
     require_chromium()
     from playwright.sync_api import sync_playwright
+
+    if root_dir is None:
+        # A copy of notebooks/: JupyterLab autosaves what the test runs, and the committed notebooks must stay
+        # as they are (without outputs) whatever a test does.
+        root_dir = tmp_path / "notebooks"
+        shutil.copytree(NOTEBOOKS, root_dir, ignore=shutil.ignore_patterns(".ipynb_checkpoints"))
 
     output_dir = Path(output_dir or tmp_path / "browser-output")
     output_dir.mkdir(parents=True, exist_ok=True)
