@@ -214,6 +214,7 @@ def test_sae_latents_are_a_patching_component(model, resid_sae, tmp_path):
     hand = model.run_with_hooks(exp.corrupted_tokens, attention_mask=exp.mask, fwd_hooks=hooks)
     assert torch.allclose(whole.per_pair[0].float(), logit_diffs(model, exp, hand), atol=1e-4)
     assert abs(float(whole.values[0]) - 1) > 1e-3
+    assert whole.figure().data[0].z.shape == (1, 1)  # one layer, one cell: the whole hook point
     saved = PatchResult.load(result.save(tmp_path / "latents.json"))
     assert saved.component == result.component and saved.sizes["latent"] == resid_sae.cfg.d_sae
     # Without the error term the model's activation is the reconstruction: all latents restore the clean run.
@@ -223,6 +224,8 @@ def test_sae_latents_are_a_patching_component(model, resid_sae, tmp_path):
         assert float(restored.values[0]) == pytest.approx(1.0, abs=1e-5)
         by_pos = exp.run(("sae_latents_by_pos", resid_sae), positions=[-1], progress=False)
         assert by_pos.axes == ("layer", "pos", "latent") and {c[1] for c in by_pos.cells} == {exp.n_pos - 1}
+        z, rows, columns, _ = by_pos.heatmap_axes()  # rows: layer x position, columns: latents
+        assert z.shape == (exp.n_pos, resid_sae.cfg.d_sae) and len(rows) == exp.n_pos and columns[0] == "F0"
 
 
 def test_hook_point_components_refuse_what_they_cannot_patch(model, resid_sae):
