@@ -343,6 +343,41 @@ def test_a_raising_hook_leaves_nothing_attached(random_model):
     assert torch.equal(random_model(tokens), clean)
 
 
+def test_added_hook_points_are_ordinary_and_removed_cleanly(random_model):
+    from transformer_lens.hook_points import HookPoint
+
+    model, tokens = random_model, random_model.to_tokens("w1 w2 w3")
+    clean, before = model(tokens), dict(model.hook_dict)
+    point = HookPoint()
+
+    def doubled(resid, hook):  # the added point fires where its owner calls it: here inside a hook
+        return point(resid * 2)
+
+    with model.extra_hook_points({"blocks.0.hook_resid_post.extra": point}):
+        assert model.added_hook_points == ("blocks.0.hook_resid_post.extra",)
+        with model.hooks(fwd_hooks=[("blocks.0.hook_resid_post", doubled)]):
+            _, cache = model.run_with_cache(tokens, names_filter=lambda n: n.endswith(".extra"))
+            resid = model.run_with_cache(tokens, names_filter="blocks.0.hook_resid_post")[1]
+            assert torch.equal(cache["blocks.0.hook_resid_post.extra"], resid["blocks.0.hook_resid_post"])
+            zeroed = model.run_with_hooks(
+                tokens, fwd_hooks=[("blocks.0.hook_resid_post.extra", lambda x, hook: x * 0)]
+            )
+        assert not torch.allclose(zeroed, clean)
+        with pytest.raises(ValueError, match="already a hook point"):
+            model.add_hook_point("blocks.0.hook_resid_post", HookPoint())
+        with pytest.raises(ValueError, match="own hook points"):
+            model.remove_hook_point("blocks.0.hook_resid_pre")
+        with pytest.raises(TypeError, match="HookPoint"):
+            model.add_hook_point("other", torch.nn.Identity())
+        point.add_hook(lambda x, hook: x, is_permanent=True)
+    assert model.hook_dict == before and model.added_hook_points == () and not point.fwd_hooks
+    assert "blocks.0.hook_resid_post.extra" not in model.mod_dict and torch.equal(model(tokens), clean)
+    bad = {"fine": HookPoint(), "hook_embed": HookPoint()}  # a bad name adds none of the others
+    with pytest.raises(ValueError, match="already a hook point"), model.extra_hook_points(bad):
+        pass
+    assert model.hook_dict == before
+
+
 # ------------------------------------------------------------------------------------------- loading
 def test_load_options_on_a_local_folder(random_checkpoint):
     tokens = torch.tensor([[1, 5, 6, 7, 8]])

@@ -11,8 +11,10 @@ from safetensors.torch import load_file
 
 import workbench
 from workbench.data import corpus
+from workbench.patching import PatchingExperiment, PatchResult, correlation
 from workbench.probing import harvest
 from workbench.sae import (
+    SAE_HOOKS,
     HarvestSource,
     SAEConfig,
     SparseAutoencoder,
@@ -23,7 +25,6 @@ from workbench.sae import (
     latent_hook,
     load_sae,
     nearest_features,
-    patch_latents,
     save_sae,
     splice,
     steering_hook,
@@ -139,9 +140,13 @@ def test_splice_with_error_term_keeps_logits_and_exposes_latents(model, resid_sa
     prompt = "When Mary and John went to the store, John gave a drink to"
     clean = model(prompt)
     name = latent_hook(resid_sae)
+    before = dict(model.hook_dict)
     with splice(model, resid_sae, use_error_term=True):
+        assert set(model.added_hook_points) == {f"{HOOK}.{p}" for p in SAE_HOOKS}
         logits, cache = model.run_with_cache(prompt, names_filter=lambda n: "hook_sae" in n)
     assert torch.allclose(logits, clean, atol=1e-4)
+    assert model.hook_dict == before and model.added_hook_points == ()
+    assert torch.equal(model(prompt), clean)  # the unspliced model again, bit for bit
     assert cache[name].shape[-1] == resid_sae.cfg.d_sae
     resid = model.run_with_cache(prompt, names_filter=[HOOK])[1][HOOK]
     assert torch.allclose(cache[name], resid_sae.encode(resid), atol=1e-5)
@@ -150,19 +155,95 @@ def test_splice_with_error_term_keeps_logits_and_exposes_latents(model, resid_sa
         assert not torch.allclose(model(prompt), clean, atol=1e-3)
 
 
-def test_patch_latents_and_steering(model, resid_sae):
+IOI = corpus.ioi_prompts(3, seed=3)
+RUNS = ("clean", "corrupted")
+
+
+def ioi_experiment(model):
+    answers = [(p.answer, p.wrong) for p in IOI]
+    return PatchingExperiment(model, [p.clean for p in IOI], [p.corrupted for p in IOI], answers)
+
+
+def logit_diffs(model, exp, logits):  # at each prompt's last token (the prompts are padded)
+    ids = [(model.to_single_token(p.answer), model.to_single_token(p.wrong)) for p in IOI]
+    return torch.stack(
+        [logits[i, exp.last[i], a] - logits[i, exp.last[i], w] for i, (a, w) in enumerate(ids)]
+    )
+
+
+def test_sae_latents_are_a_patching_component(model, resid_sae, tmp_path):
+    name = latent_hook(resid_sae)
+    unspliced = ioi_experiment(model).baseline_per_pair("logit_diff", "corrupted")
+    with splice(model, resid_sae, use_error_term=True):
+        exp = ioi_experiment(model)
+        # With the error term kept the spliced model is the model: its baselines are the unspliced ones.
+        assert torch.allclose(exp.baseline_per_pair("logit_diff", "corrupted"), unspliced, atol=1e-4)
+        result = exp.run(("sae_latents", resid_sae), progress=False)
+        assert result.axes == ("layer", "latent") and len(result.cells) == resid_sae.cfg.d_sae
+        assert result.component == f"sae_latents:{HOOK}" and result.meta["hook"] == name
+        # One cell (latent f at every position, clean into corrupted) against a hand-written intervention.
+        f = int(result.raw.sub(result.corrupted_value).abs().argmax())
+        assert abs(result.values[f]) > 0.01
+        cache = model.run_with_cache(exp.clean_tokens, attention_mask=exp.mask, names_filter=[name])[1]
+        clean_latents = cache[name]
+
+        def patch_f(acts, hook):
+            acts = acts.clone()
+            acts[..., f] = clean_latents[..., f]
+            return acts
+
+        hand = model.run_with_hooks(
+            exp.corrupted_tokens, attention_mask=exp.mask, fwd_hooks=[(name, patch_f)]
+        )
+        assert torch.allclose(result.per_pair[f].float(), logit_diffs(model, exp, hand), atol=1e-5)
+        batched = exp.patched_logits(result.component, (1, f))  # the result's name finds the component
+        assert torch.allclose(batched, hand[torch.arange(len(IOI)), exp.last], atol=1e-4)
+        # Attribution patching reads the latents too (measured: Pearson 0.97 against exact, 256 latents).
+        approx = exp.attribute(("sae_latents", resid_sae))
+        assert approx.cells == result.cells and correlation(result, approx)["pearson"] > 0.9
+        # Every latent at every position, error term kept: the clean reconstruction plus the corrupted
+        # run's own error term, which is not the clean run (the error term carries the rest).
+        whole = exp.run(("hook", name), progress=False)
+        resid = {
+            r: model.run_with_cache(exp.tokens(r), attention_mask=exp.mask, names_filter=[HOOK])[1][HOOK]
+            for r in RUNS
+        }
+    r_clean, r_corrupt = resid["clean"], resid["corrupted"]
+    mixed = resid_sae(r_clean) + (r_corrupt - resid_sae(r_corrupt))
+    hooks = [(HOOK, lambda a, hook: mixed)]
+    hand = model.run_with_hooks(exp.corrupted_tokens, attention_mask=exp.mask, fwd_hooks=hooks)
+    assert torch.allclose(whole.per_pair[0].float(), logit_diffs(model, exp, hand), atol=1e-4)
+    assert abs(float(whole.values[0]) - 1) > 1e-3
+    assert whole.figure().data[0].z.shape == (1, 1)  # one layer, one cell: the whole hook point
+    saved = PatchResult.load(result.save(tmp_path / "latents.json"))
+    assert saved.component == result.component and saved.sizes["latent"] == resid_sae.cfg.d_sae
+    # Without the error term the model's activation is the reconstruction: all latents restore the clean run.
+    with splice(model, resid_sae):
+        exp = ioi_experiment(model)
+        restored = exp.run(("hook", name), progress=False)
+        assert float(restored.values[0]) == pytest.approx(1.0, abs=1e-5)
+        by_pos = exp.run(("sae_latents_by_pos", resid_sae), positions=[-1], progress=False)
+        assert by_pos.axes == ("layer", "pos", "latent") and {c[1] for c in by_pos.cells} == {exp.n_pos - 1}
+        z, rows, columns, _ = by_pos.heatmap_axes()  # rows: layer x position, columns: latents
+        assert z.shape == (exp.n_pos, resid_sae.cfg.d_sae) and len(rows) == exp.n_pos and columns[0] == "F0"
+
+
+def test_hook_point_components_refuse_what_they_cannot_patch(model, resid_sae):
+    exp = ioi_experiment(model)
+    with pytest.raises(ValueError, match="No SAE is spliced"):
+        exp.run(("sae_latents", resid_sae), progress=False)
+    with pytest.raises(ValueError, match="Unknown hook-point component"):
+        exp.run(("sae_latent", resid_sae), progress=False)
+    with pytest.raises(ValueError, match="not laid out"):
+        exp.run(("hook", "blocks.1.attn.hook_pattern"), progress=False)
+    exp.baseline("logit_diff", "clean")  # reference runs of the unspliced model
+    with splice(model, resid_sae), pytest.raises(ValueError, match="inside the `with splice"):
+        exp.run(("sae_latents", resid_sae), progress=False)
+
+
+def test_steering_hook_adds_the_feature_direction(model, resid_sae):
     base = "When Mary and John went to the store, John gave a drink to"
-    source = "When Mary and John went to the store, Mary gave a drink to"
     clean = model(base)
-    assert torch.allclose(patch_latents(model, resid_sae, base, source, features=[]), clean, atol=1e-4)
-    patched = patch_latents(model, resid_sae, base, source)
-    # All latents patched = base run with the source's reconstruction plus the base's error term.
-    with torch.no_grad():
-        r_base = model.run_with_cache(base, names_filter=[HOOK])[1][HOOK]
-        r_src = model.run_with_cache(source, names_filter=[HOOK])[1][HOOK]
-        expected = resid_sae(r_src) + (r_base - resid_sae(r_base))
-    direct = model.run_with_hooks(base, fwd_hooks=[(HOOK, lambda a, hook: expected)])
-    assert torch.allclose(patched, direct, atol=1e-4)
     name, hook = steering_hook(resid_sae, 3, 5.0)
     out = model.run_with_hooks(base, fwd_hooks=[(name, hook)])
     shift = resid_sae.feature_directions()[3] * 5.0

@@ -25,6 +25,7 @@ from transformer_lens import ActivationCache
 from transformer_lens.HookedRootModule import HookedRootModule
 
 from workbench import generation, inputs
+from workbench.extra_hook_points import ExtraHookPoints
 from workbench.hooked_parts import AttentionMask, CheckedHookPoint, HookedBlock, HookedRMSNorm
 from workbench.inputs import Input
 from workbench.model_surface import ModelSurface
@@ -85,12 +86,13 @@ def output_head(hf_model: nn.Module) -> nn.Linear:
     return hf_model.lm_head if hasattr(hf_model, "lm_head") else hf_model.score
 
 
-class HookedApertus(ModelSurface, HookedRootModule):
+class HookedApertus(ModelSurface, ExtraHookPoints, HookedRootModule):
     """An Apertus model with TransformerLens hooks on every residual stream, attention and xIELU activation.
 
     Build it with `workbench.load(...)`. `model(input)` returns logits; `run_with_cache`, `run_with_hooks`,
     `hooks(...)` and `hook_dict` work as in TransformerLens. `input` is a text, a list of texts (padded,
-    with the mask made for you) or a tensor of token ids. Tokens, weights and checks: `ModelSurface`.
+    with the mask made for you) or a tensor of token ids. Tokens, weights and checks: `ModelSurface`;
+    hook points added for a while (a spliced SAE's): `ExtraHookPoints`.
     """
 
     def __init__(self, hf_model: nn.Module, tokenizer: Any, name: str = "apertus") -> None:
@@ -115,6 +117,8 @@ class HookedApertus(ModelSurface, HookedRootModule):
             self.mod_dict[name] = module
             if isinstance(module, CheckedHookPoint):
                 self.hook_dict[name] = module
+        for name, point in self.__dict__.get("_added_points", {}).items():  # a setup() rerun keeps them
+            self.hook_dict[name] = self.mod_dict[name] = point
 
     # ---------------------------------------------------------------------------------------- forward
     def forward(

@@ -21,12 +21,14 @@ from workbench.patching import metrics, runner, sweeps
 from workbench.patching.attribution import attribution_per_pair
 from workbench.patching.components import (
     COMPONENTS,
+    HOOK_KINDS,
     Cell,
     Component,
     Metric,
     Prompts,
     check_direction,
     component_spec,
+    hook_component,
     runs_of,
 )
 from workbench.patching.forward import default_max_batch
@@ -94,16 +96,27 @@ class PatchingExperiment:
         return float(self.baseline_per_pair(metric, run).mean())
 
     # ------------------------------------------------------------------------------------------- sweeps
-    def cells(self, component: str, *, layer=None, layers=None, positions=None) -> list[Cell]:
+    def component(self, component: str | tuple) -> Component:
+        """The Component a name stands for: one of COMPONENTS, or one hook point of a layer:
+        `("sae_latents", sae)` (the latents of an SAE spliced in with `workbench.sae.splice`; also
+        `"sae_latents_by_pos"`), `("hook", name)` (a whole hook point; also `"hook_by_pos"`), or their
+        string form `"sae_latents:blocks.1.hook_resid_post"` (what a result's `component` says)."""
+        if isinstance(component, str) and ":" not in component:
+            return component_spec(component)
+        return hook_component(
+            self.model, component, lambda name: self.runs.activations("clean", [name])[name].shape[-1]
+        )
+
+    def cells(self, component: str | tuple, *, layer=None, layers=None, positions=None) -> list[Cell]:
         """Every cell of a component's sweep (neurons: of `layer`; restricted to `layers`/`positions`)."""
-        spec = component_spec(component)
+        spec = self.component(component)
         return sweeps.plan_cells(
             self.model, self.n_pos, spec, layer=layer, layers=layers, positions=positions
         )
 
     def run(
         self,
-        component: str = "resid_pre",
+        component: str | tuple = "resid_pre",
         metric: Metric = "logit_diff",
         *,
         direction: str = "denoise",
@@ -121,19 +134,22 @@ class PatchingExperiment:
 
         layer: the layer whose neurons a "neurons" sweep patches; layers/positions restrict the sweep;
         cells: patch exactly these cells instead (e.g. the top cells of an attribution sweep).
-        For neurons, `positions` are where each neuron is patched (default: every position).
+        For neurons, SAE latents and whole hook points (`("sae_latents", sae)`, `("hook", name)`: see
+        `component`), `positions` are where each cell is patched (default: every position).
         max_batch: rows per forward (rounded up to whole variants of all prompt pairs); by default from
         memory_budget bytes, itself by default a quarter of the free memory.
         skip_identical: cells where the clean and corrupted activations are equal (e.g. every position
         before the first changed token) get the base run's metric without a forward: it is their patched run.
         """
-        spec, metric = component_spec(component), metrics.check_metric(metric, self.pairs)
+        spec, metric = self.component(component), metrics.check_metric(metric, self.pairs)
         direction = check_direction(direction)
         sweeps.check_size("max_batch", max_batch, "rows per forward")
         sweeps.check_size("memory_budget", memory_budget, "bytes")
         neuron_positions = sweeps.neuron_positions(spec, positions, self.n_pos)
         if cells is None:
-            cells = self.cells(spec.name, layer=layer, layers=layers, positions=positions)
+            cells = sweeps.plan_cells(
+                self.model, self.n_pos, spec, layer=layer, layers=layers, positions=positions
+            )
         else:
             cells = [tuple(int(i) for i in c) for c in cells]
             sweeps.check_cells(self.model, self.n_pos, spec, cells)
@@ -166,7 +182,7 @@ class PatchingExperiment:
             )
         cfg = self.model.cfg
         sizes = {"layer": cfg.n_layers, "pos": self.n_pos, "head": cfg.n_heads}
-        sizes |= {"kv_head": cfg.n_key_value_heads, "neuron": cfg.d_mlp}
+        sizes |= {"kv_head": cfg.n_key_value_heads, "neuron": cfg.d_mlp, **dict(spec.sizes)}
         return PatchResult(
             component=spec.name,
             metric=metrics.metric_name(metric),
@@ -183,7 +199,7 @@ class PatchingExperiment:
             kv_groups=cfg.n_heads // cfg.n_key_value_heads,
             per_pair=per_pair.double(),
             base_per_pair=base_pairs.double(),
-            meta=self.describe(),
+            meta=self.describe() | ({"hook": spec.point} if spec.point is not None else {}),
         )
 
     def describe(self) -> dict[str, Any]:
@@ -192,10 +208,10 @@ class PatchingExperiment:
 
     # ------------------------------------------------------------------------------------ one patched run
     def patched_logits(
-        self, component: str, cell: Cell, *, direction: str = "denoise", neuron_positions=None
+        self, component: str | tuple, cell: Cell, *, direction: str = "denoise", neuron_positions=None
     ):
         """Last-token logits [prompt, vocab] of the run with one cell patched."""
-        spec = component_spec(component)
+        spec = self.component(component)
         cell = tuple(int(i) for i in cell)
         sweeps.check_cells(self.model, self.n_pos, spec, [cell])
         direction = check_direction(direction)
@@ -204,7 +220,7 @@ class PatchingExperiment:
         return runner.patched_logits(self.model, self.runs, spec, [cell], direction, False, neuron_positions)
 
     def predictions(
-        self, component: str, cell: Cell, *, direction: str = "denoise", k: int = 5, prompt: int = 0
+        self, component: str | tuple, cell: Cell, *, direction: str = "denoise", k: int = 5, prompt: int = 0
     ) -> pd.DataFrame:
         """Top-k next tokens of one prompt's clean, corrupted and patched runs, side by side."""
         if not 0 <= prompt < self.n_prompts:
@@ -224,7 +240,7 @@ class PatchingExperiment:
     # ------------------------------------------------------------------------------------- attribution
     def attribute(
         self,
-        components: str | Sequence[str] = ("resid_pre", "attn_out", "mlp_out", "heads"),
+        components: str | tuple | Sequence[str | tuple] = ("resid_pre", "attn_out", "mlp_out", "heads"),
         metric: Metric = "logit_diff",
         *,
         direction: str = "denoise",
@@ -235,16 +251,20 @@ class PatchingExperiment:
 
         A cell's estimate is metric(base) + sum over the cell of (source - base) * d metric / d activation,
         the first-order Taylor expansion of exact patching; same result format (method="attribution").
-        components: one name (one result), several (a dict by name), or "all" (every component; the
-        neurons of `layer` only when a layer is given). The estimate is first-order: with "kl" and
+        components: one name or hook-point component such as ("sae_latents", sae) (one result), several
+        (a dict by name), or "all" (every named component; the neurons of `layer` only when a layer is
+        given). The estimate is first-order: with "kl" and
         direction="noise" it is zero everywhere (KL to the clean run has zero gradient at the clean run).
         """
         if components == "all":
             components = [c for c in COMPONENTS if c != "neurons" or layer is not None]
-        single = isinstance(components, str)
-        specs: list[Component] = [component_spec(c) for c in ([components] if single else components)]
+        # One component: a name, or a (kind, hook) pair such as ("sae_latents", sae).
+        single = isinstance(components, str) or (
+            isinstance(components, tuple) and len(components) == 2 and components[0] in HOOK_KINDS
+        )
+        specs: list[Component] = [self.component(c) for c in ([components] if single else components)]
         metric, direction = metrics.check_metric(metric, self.pairs), check_direction(direction)
-        cells = {s: self.cells(s.name, layer=layer) for s in specs}
+        cells = {s: sweeps.plan_cells(self.model, self.n_pos, s, layer=layer) for s in specs}
         base_pairs = self.baseline_per_pair(metric, runs_of(direction)[0])
         estimates = attribution_per_pair(self.model, self.runs, cells, metric, direction, base_pairs)
         results = {

@@ -116,6 +116,7 @@ def default_max_batch(model, n_pos, spec, full_logits, memory_budget) -> int:
     width = 8 * cfg.d_model + 3 * cfg.d_mlp + 4 * cfg.n_heads * cfg.d_head
     if spec.name == "pattern":
         width += 3 * cfg.n_heads * n_pos  # explicit scores and patterns
+    width += 4 * spec.width  # a spliced SAE's pre-activations, latents and their patched copy
     if full_logits:
         width += cfg.d_vocab
     per_row = n_pos * width * torch.finfo(cfg.dtype).bits // 8 + cfg.d_vocab * 4

@@ -100,14 +100,14 @@ class PatchResult:
         grid, a = self.grid(values), self.axes
         layers = sorted({c[0] for c in self.cells})
         grid = grid[layers]
-        if a == ("layer", "head", "pos"):
-            rows = [f"L{layer}H{h}" for layer in layers for h in range(self.sizes["head"])]
-            cells = [
-                [(layer, h, p) for p in range(self.sizes["pos"])]
-                for layer in layers
-                for h in range(self.sizes["head"])
-            ]
-            return grid.flatten(0, 1), rows, self._labels("pos"), cells
+        if len(a) == 1:  # a whole hook point: one column
+            return grid[:, None], [f"L{layer}" for layer in layers], ["all"], [[(layer,)] for layer in layers]
+        if len(a) == 3:  # rows: layer x head (or layer x position, for SAE latents by position)
+            mid = range(self.sizes[a[1]])
+            tags = [f"H{i}" for i in mid] if a[1] == "head" else [f" {t}" for t in self._labels(a[1])]
+            rows = [f"L{layer}{tag}" for layer in layers for tag in tags]
+            cells = [[(layer, i, j) for j in range(self.sizes[a[2]])] for layer in layers for i in mid]
+            return grid.flatten(0, 1), rows, self._labels(a[2]), cells
         cells = [[(layer, j) for j in range(self.sizes[a[1]])] for layer in layers]
         return grid, [f"L{layer}" for layer in layers], self._labels(a[1]), cells
 
@@ -116,11 +116,12 @@ class PatchResult:
         if axis == "pos":
             # Position first: plotly merges equal category labels, and a prompt repeats tokens.
             return [f"{p}:{self.str_tokens[p]}" for p in range(n)]
-        prefix = {"head": "H", "kv_head": "KV", "neuron": "N"}[axis]
+        prefix = {"head": "H", "kv_head": "KV", "neuron": "N", "latent": "F"}[axis]
         return [f"{prefix}{i}" for i in range(n)]
 
     def figure(self, title: str | None = None, mark_significant: bool = False) -> go.Figure:
-        """A plotly heatmap (rows = layers, or layer-heads; columns = tokens, heads or neurons).
+        """A plotly heatmap (rows = layers, layer-heads or layer-positions; columns = tokens, heads, neurons
+        or SAE latents "F<i>").
 
         mark_significant: draw a dot on every cell whose bootstrap interval excludes zero effect.
         """

@@ -43,7 +43,7 @@ def suffix_start(spec: Component, cells: list[Cell], padded: bool, neuron_positi
     """
     if padded:
         return 0
-    if spec.name == "neurons" and neuron_positions is not None:
+    if spec.at_positions and neuron_positions is not None:
         return min(neuron_positions)
     if spec.pos_axis is None:
         return 0
@@ -63,7 +63,7 @@ def patched_logits(
     order = sorted(range(len(chunk)), key=lambda i: chunk[i][0])
     cells = [chunk[i] for i in order]
     start = suffix_start(spec, cells, pairs.mask is not None, neuron_positions)
-    if start and spec.name == "neurons":
+    if start and spec.at_positions:
         neuron_positions = [p - start for p in neuron_positions]
     elif start:
         cells = [shift_cell(spec, c, start) for c in cells]

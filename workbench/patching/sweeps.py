@@ -24,7 +24,13 @@ def plan_cells(
             raise ValueError(
                 f"{what}=[] selects nothing to patch: pass None for all {what}, or at least one."
             )
-    if spec.name == "neurons":
+    if spec.point is not None:  # one hook point, in one layer
+        if layers is not None and spec.layer not in layers:
+            raise ValueError(
+                f"{spec.name} is a hook point of layer {spec.layer} only, not of layers {list(layers)}."
+            )
+        chosen = [spec.layer]
+    elif spec.name == "neurons":
         if layer is None:
             raise ValueError(
                 f"Neuron sweeps patch the {cfg.d_mlp} neurons of one layer: pass layer=0..{cfg.n_layers - 1}."
@@ -38,6 +44,7 @@ def plan_cells(
         "head": range(cfg.n_heads),
         "kv_head": range(cfg.n_key_value_heads),
         "neuron": range(cfg.d_mlp),
+        **{axis: range(size) for axis, size in spec.sizes},
     }
     cells: list[Cell] = [(x,) for x in chosen]
     for axis in spec.axes:
@@ -83,7 +90,8 @@ def check_size(what: str, value, unit: str) -> None:
 
 
 def neuron_positions(spec: Component, positions, n_pos: int) -> list[int] | None:
-    """Where a neuron sweep patches each neuron (checked, non-negative, sorted); None: every position."""
-    if spec.name != "neurons" or positions is None:
+    """Where a neuron (or latent, or whole-hook) sweep patches each cell (checked, non-negative, sorted);
+    None: every position."""
+    if not spec.at_positions or positions is None:
         return None
     return sorted({check_pos(p, n_pos) for p in positions})
