@@ -1,8 +1,9 @@
 """Every analysis at Apertus-8B widths: time and peak memory per tool, per layer and per token.
 
 A random checkpoint with Apertus-8B's shape (d_model 4096, 32 heads over 8 KV heads of 128, d_mlp 21504,
-vocabulary 131072, bf16) but 2 layers is built once under /tmp/realdim (reused when present). Each tool runs
-in each of two processes that load the checkpoint with 1 and with 2 layers (`num_hidden_layers`), so that
+vocabulary 131072, bf16) but 2 layers, with the 131k tekken byte-level BPE tokenizer, is built once under
+/tmp/realdim-tekken (reused when present). Each tool runs in each of two processes that load the checkpoint
+with 1 and with 2 layers (`num_hidden_layers`), so that
 
     per layer = figure(2 layers) - figure(1 layer)      32-layer estimate = figure(2) + 30 x per layer
 
@@ -13,12 +14,15 @@ the call (after loading, a warm-up forward, and handing freed memory back to the
 
     python benchmarks/realdim.py                      # the issue's sizes: 16 x 256 tokens, a 512-token lens
     python benchmarks/realdim.py --batch 2 --pos 128 --lens-pos 128 --neurons 32   # a small CPU
+    python benchmarks/realdim.py --layer-counts 2 --tools forward_prompt,logit_lens   # 2 layers only: no
+                                                                    # per-layer figures, half the time
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import subprocess
 import sys
 import threading
@@ -30,7 +34,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 from common import machine, write_json  # noqa: E402
 
-FOLDER = Path("/tmp/realdim")
+FOLDER = Path("/tmp/realdim-tekken")
 SHAPE = {"d_model": 4096, "heads": 32, "kv_heads": 8, "d_head": 128, "d_mlp": 21504, "vocab": 131072}
 LAYERS = 2
 GB = 2**30
@@ -50,18 +54,15 @@ TOOLS = {
 
 
 def build(folder: Path = FOLDER) -> Path:
-    """The random bf16 checkpoint at Apertus-8B widths (built once: ~6 GB of float32 while building)."""
-    if (folder / "config.json").exists() and any(folder.glob("*.safetensors")):
+    """The random bf16 checkpoint at Apertus-8B widths with the tekken tokenizer (built once: 2.9 GB)."""
+    if (folder / "tokenizer.json").exists() and any(folder.glob("*.safetensors")):
         return folder
-    from workbench.checkpoint.synthetic import SPECIALS, random_apertus, word_tokenizer
+    from workbench.checkpoint.synthetic import APERTUS_8B_SHAPE, make_random_checkpoint
 
-    shape = dict(SHAPE)
-    shape["layers"], shape["n_ctx"] = LAYERS, 1024
-    model = random_apertus(**shape).to(torch.bfloat16)
-    folder.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(folder)
-    word_tokenizer([f"w{i}" for i in range(SHAPE["vocab"] - len(SPECIALS))]).save_pretrained(folder)
-    return folder
+    assert {k: APERTUS_8B_SHAPE[k] for k in SHAPE} == SHAPE
+    return make_random_checkpoint(
+        folder, tokenizer="tekken", layers=LAYERS, n_ctx=1024, dtype=torch.bfloat16, **APERTUS_8B_SHAPE
+    )
 
 
 class PeakRSS:
@@ -169,23 +170,31 @@ def worker(args) -> None:
 
 
 def measure(layers: int, args) -> dict[str, dict]:
+    """One worker process at `layers` layers; its rows are echoed as they come (the calls take minutes)."""
     command = [sys.executable, __file__, "--worker", "yes", "--layers", str(layers)]
     for name in ("batch", "pos", "lens_pos", "neurons", "threads", "folder", "tools"):
         command += [f"--{name.replace('_', '-')}", str(getattr(args, name))]
-    out = subprocess.run(command, capture_output=True, text=True, check=False)
-    if out.returncode:
-        raise RuntimeError(f"the {layers}-layer worker failed:\n{out.stderr[-3000:]}")
-    rows = [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
+    rows = []
+    with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) as worker:
+        for line in worker.stdout:
+            if line.startswith("{"):
+                rows.append(json.loads(line))
+                print(line.strip(), flush=True)
+        stderr = worker.stderr.read()
+    if worker.returncode:
+        raise RuntimeError(f"the {layers}-layer worker failed:\n{stderr[-3000:]}")
     return {row["tool"]: row for row in rows}
 
 
-def summarise(tool: str, one: dict, two: dict, args) -> dict:
+def summarise(tool: str, one: dict | None, two: dict, args) -> dict:
+    """Figures at 2 layers, per unit, and (when the 1-layer run exists) per layer and at 32 layers; NaN where
+    the 1-layer run was skipped (``--layer-counts 2``)."""
     units = {"batch tokens": args.batch * args.pos, "prompt tokens": args.lens_pos, "neuron": args.neurons}
     per = units.get(TOOLS[tool][2], 1)
     row = {"tool": tool, "about": TOOLS[tool][0], "per": TOOLS[tool][2], "units": per}
     for key, scale in (("seconds", 1.0), ("rise", 1 / GB)):
-        at_two, at_one = two[key] * scale, one[key] * scale
-        per_layer = at_two - at_one
+        at_two = two[key] * scale
+        per_layer = at_two - one[key] * scale if one is not None else float("nan")
         row[f"{key}_2_layers"] = at_two
         row[f"{key}_per_layer"] = per_layer
         row[f"{key}_per_layer_per_unit"] = per_layer / per
@@ -204,6 +213,9 @@ def main() -> None:
     parser.add_argument("--neurons", type=int, default=64)
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--tools", default=",".join(TOOLS))
+    parser.add_argument(
+        "--layer-counts", default="1,2", choices=("1,2", "2"), help="'2' skips the 1-layer run (no per layer)"
+    )
     parser.add_argument("--folder", type=Path, default=FOLDER, help="the checkpoint (built if absent)")
     parser.add_argument("--markdown", type=Path, help="print the README table of a results JSON and stop")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
@@ -214,8 +226,9 @@ def main() -> None:
     if args.markdown:
         return print(markdown_table(json.loads(args.markdown.read_text())["tools"]))
     build(args.folder)
-    one, two = measure(1, args), measure(2, args)
-    rows = [summarise(tool, one[tool], two[tool], args) for tool in args.tools.split(",")]
+    one = measure(1, args) if args.layer_counts == "1,2" else {}
+    two = measure(2, args)
+    rows = [summarise(tool, one.get(tool), two[tool], args) for tool in args.tools.split(",")]
     by_tool = {r["tool"]: r for r in rows}
     for row in rows:
         base = TOOLS[row["tool"]][1]
@@ -225,6 +238,7 @@ def main() -> None:
     print_table(rows, args)
     print("\n" + markdown_table(rows))
     sizes = {"batch": args.batch, "pos": args.pos, "lens_pos": args.lens_pos, "neurons": args.neurons}
+    sizes["layer_counts"], sizes["threads"] = args.layer_counts, args.threads
     path = write_json("realdim", {"machine": machine(), "shape": SHAPE, "sizes": sizes, "tools": rows})
     print(f"wrote {path}")
 
@@ -263,11 +277,18 @@ def markdown_table(rows: list[dict]) -> str:
         versus = ""
         if "time_vs_forward" in r:
             versus = f"{r['time_vs_forward']:.2f}× time, {r['extra_gb_vs_forward']:+.2f} GB"
+        if math.isnan(r["seconds_per_layer"]):  # run at 2 layers only
+            layer = unit_layer = at_32 = "— (2 layers only)"
+        else:
+            layer = f"{r['seconds_per_layer']:.1f} s, {1024 * r['rise_per_layer']:.0f} MB"
+            unit_layer = (
+                f"{1e3 * r['seconds_per_layer_per_unit']:.1f} ms, "
+                f"{1024 * r['rise_per_layer_per_unit']:.2f} MB per {unit}"
+            )
+            at_32 = f"{r['seconds_32_layers']:.0f} s, {r['rise_32_layers']:.2f} GB"
         lines.append(
             f"| {r['tool']} ({r['about']}) | {r['seconds_2_layers']:.1f} s, {r['rise_2_layers']:.2f} GB "
-            f"| {r['seconds_per_layer']:.1f} s, {1024 * r['rise_per_layer']:.0f} MB "
-            f"| {1e3 * r['seconds_per_layer_per_unit']:.1f} ms, {1024 * r['rise_per_layer_per_unit']:.2f} MB "
-            f"per {unit} | {r['seconds_32_layers']:.0f} s, {r['rise_32_layers']:.2f} GB | {versus} |"
+            f"| {layer} | {unit_layer} | {at_32} | {versus} |"
         )
     return "\n".join(lines)
 

@@ -21,6 +21,7 @@ from workbench.checkpoint.tokenizer import build_tokenizer
 from workbench.data.alignment import IGNORE, TokenLabelledDataset
 from workbench.data.corpus import EVAL_SEED, UPOS_TAGS, tagged_sentences
 from workbench.probing import (
+    CorruptHarvestError,
     Harvest,
     control_labels,
     evaluate,
@@ -66,6 +67,15 @@ def pos_probes(pos_harvest):
 
 
 # ------------------------------------------------------------------------------------------------- harvest
+def test_row_shape_is_the_shape_of_the_loaded_rows(pos_harvest):
+    _, h = pos_harvest
+    data = h.load()
+    for key in [*h.hooks, "labels", "position"]:
+        assert h.row_shape(key) == tuple(data[key].shape[1:])
+    with pytest.raises(CorruptHarvestError, match="has no 'blocks.9.hook_resid_post'"):
+        h.row_shape("blocks.9.hook_resid_post")
+
+
 def test_harvest_is_the_transformers_hidden_states(corpus_model, pos_harvest):
     encoded, h = pos_harvest
     assert h.complete and h.hooks == residual_hooks(2) and h.layers == [0, 1, 2]

@@ -239,6 +239,22 @@ class Harvest:
             raise KeyError(f"Hooks {unknown} were not harvested; this harvest has {self.hooks}.")
         return list(hooks)
 
+    def row_shape(self, key: str) -> tuple[int, ...]:
+        """The shape of one row of a harvested tensor (a hook's ``(width,)``), read from the first shard's
+        header without reading its data."""
+        if not self.manifest["shards"]:
+            raise RuntimeError(
+                f"The harvest in {self.folder} has no shard yet: call harvest(...) to write one."
+            )
+        shard = self.manifest["shards"][0]
+        with safe_open(_inside(self.folder, shard["file"]), framework="pt") as reader:
+            if key not in reader.keys():  # noqa: SIM118 (safe_open has no __contains__)
+                raise CorruptHarvestError(
+                    f"Shard {shard['file']} of the harvest in {self.folder} has no {key!r}: "
+                    f"{_fix(self.folder)}."
+                )
+            return tuple(reader.get_slice(key).get_shape()[1:])
+
     def shard_tensors(self, key: str, *, verify: bool = True) -> Iterator[torch.Tensor]:
         """One harvested tensor (a hook or a column), shard by shard: memory for one shard's piece at a time.
         Each piece's row count is checked against the manifest."""

@@ -252,7 +252,9 @@ def train_probes(
     shuffle_labels: a sanity check, permute the labels across tokens; probes should then fall to chance.
     Training holds the harvested features in memory once, as float32 (tokens x hooks x width x 4 bytes, e.g.
     100k tokens x 33 layers x 4096 = 54 GB for an 8B model: harvest fewer hooks, or train on a subset of them
-    with ``hooks``); shards are read one hook at a time straight into the train/validation/test buffers.
+    with ``hooks``); shards are read one hook at a time straight into the train/validation/test buffers and
+    normalised there in place, and each step runs one hook at a time, so what training needs beyond the
+    features is one shard's piece of one hook, or one hook's logits (or mini-batch), at a time.
     """
     _check_training(lr, weight_decay, max_steps, batch_size, eval_every, patience)
     if not isinstance(harvest, Harvest):
@@ -308,7 +310,9 @@ def train_probes(
 
     t_test = targets[test]
     with torch.no_grad():
-        predicted = _logits(x_test, weight, bias).argmax(-1)  # [hooks, n, task]
+        predicted = torch.stack(
+            [_logits(x_test[i], weight[i], bias[i]).argmax(-1) for i in range(len(hooks))]
+        )
     majority_label = int(torch.bincount(targets[train, 0], minlength=n_classes).argmax())
     gold = t_test[:, 0].numpy()
     table = []
@@ -378,49 +382,67 @@ def _feature_buffer(
     harvest: Harvest, hooks: list[str], order: torch.Tensor, eps: float, normalize: bool, bounds: list[int]
 ) -> tuple[list[torch.Tensor], list[int]]:
     """The probes' inputs as float32 buffers ``[hooks, n_split, width]``, one per split (rows ``order[lo:hi]``
-    for each ``(lo, hi)`` of ``bounds``), filled one shard of one hook at a time: together the only full-size
-    allocation of training, and each contiguous, so no matmul copies it."""
+    for each ``(lo, hi)`` of ``bounds``): together the only full-size allocation of training, and each
+    contiguous, so no matmul copies it. They are filled one shard of one hook at a time, in row chunks, and
+    normalised in place, so the only other memory is one shard's piece of one hook and a chunk."""
     destination = torch.empty_like(order)
     destination[order] = torch.arange(len(order))
-    pieces = {h: harvest.shard_tensors(h, verify=False) for h in hooks}
-    first = {h: next(pieces[h]) for h in hooks}
-    widths = [first[h].reshape(len(first[h]), -1).shape[1] for h in hooks]
+    widths = [math.prod(harvest.row_shape(h)) for h in hooks]
     spans = list(zip(bounds[:-1], bounds[1:]))
     buffers = [torch.empty(len(hooks), hi - lo, max(widths)) for lo, hi in spans]
     for i, h in enumerate(hooks):
+        width, chunk = widths[i], _chunk_rows(widths[i])
         for x in buffers:
             # Narrower hooks are zero-padded: zero features get zero gradient, so the probe is exactly a
             # narrower one.
-            x[i, :, widths[i] :] = 0
+            x[i, :, width:] = 0
         row = 0
-        for piece in (first[h], *pieces[h]):
+        for piece in harvest.shard_tensors(h, verify=False):
             piece = piece.reshape(len(piece), -1)
-            features = rms_normalize(piece, eps) if normalize else piece.float()
             where = destination[row : row + len(piece)]
             for x, (lo, hi) in zip(buffers, spans):
-                inside = (where >= lo) & (where < hi)
-                x[i, where[inside] - lo, : widths[i]] = features[inside]
+                rows = torch.nonzero((where >= lo) & (where < hi)).squeeze(1)
+                if len(rows) == 0:
+                    continue
+                # Each split's rows keep their harvest order, so a piece's rows of one split are consecutive
+                # in that split's buffer.
+                first = int(where[rows[0]]) - lo
+                for start in range(0, len(rows), chunk):
+                    part = rows[start : start + chunk]
+                    x[i, first + start : first + start + len(part), :width] = piece.index_select(0, part)
             row += len(piece)
+            del piece
+        if normalize:
+            for x in buffers:
+                for start in range(0, x.shape[1], chunk):
+                    block = x[i, start : start + chunk, :width]
+                    # rms_normalize, in place: the same float32 arithmetic, without a second copy.
+                    block.mul_(torch.rsqrt(block.pow(2).mean(-1, keepdim=True) + eps))
     return buffers, widths
 
 
+def _chunk_rows(width: int, budget: int = 16 * 2**20) -> int:
+    """Rows of ``width`` float32 features in about ``budget`` bytes: the size of every temporary that
+    filling the buffers makes."""
+    return max(1, budget // (4 * max(width, 1)))
+
+
 def _logits(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
-    # x [hooks, n, width] (one batched matmul per hook over a view: no copy of the features), weight
-    # [hooks, task, width, classes], bias [hooks, task, classes] -> [hooks, n, task, classes]
-    hooks, n, width = x.shape
-    _, tasks, _, classes = weight.shape
-    w = weight.permute(0, 2, 1, 3).reshape(hooks, width, tasks * classes)
-    return torch.bmm(x, w).view(hooks, n, tasks, classes) + bias[:, None]
+    # One hook: x [n, width] (a view of the features: no copy), weight [task, width, classes], bias
+    # [task, classes] -> [n, task, classes]
+    n, width = x.shape
+    tasks, _, classes = weight.shape
+    w = weight.permute(1, 0, 2).reshape(width, tasks * classes)
+    return (x @ w).view(n, tasks, classes) + bias
 
 
 def _losses(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Mean cross-entropy of every probe: [hooks, task]."""
-    hooks, n, tasks, classes = logits.shape
-    expanded = targets[None].expand(hooks, n, tasks)
+    """Mean cross-entropy of one hook's probes: [task]."""
+    n, tasks, classes = logits.shape
     loss = F.cross_entropy(
-        logits.reshape(-1, classes), expanded.reshape(-1), reduction="none", ignore_index=IGNORE
+        logits.reshape(-1, classes), targets.reshape(-1), reduction="none", ignore_index=IGNORE
     )
-    return loss.view(hooks, n, tasks).mean(1)
+    return loss.view(n, tasks).mean(0)
 
 
 def _fit(
@@ -455,20 +477,29 @@ def _fit(
     bar = tqdm(total=max_steps, desc="probes", unit="step", disable=not progress)
     with torch.enable_grad():
         for step in range(1, max_steps + 1):
-            if batch_size is None or batch_size >= n:
-                xb, tb = x_train, t_train
-            else:
+            rows = None
+            if batch_size is not None and batch_size < n:
                 rows = torch.randint(0, n, (batch_size,), generator=gen)
-                xb, tb = x_train[:, rows], t_train[rows]
-            loss = _losses(_logits(xb, weight, bias), tb).sum()  # independent probes: the sum trains each
+            tb = t_train if rows is None else t_train[rows]
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            losses = []
+            # Independent probes: each hook's loss reaches only its own slice of the gradient, so one
+            # backward per hook gives the gradient of the sum while holding one hook's logits and mini-batch
+            # (not every hook's) at a time.
+            for i in range(hooks):
+                xb = x_train[i] if rows is None else x_train[i].index_select(0, rows)
+                hook_losses = _losses(_logits(xb, weight[i], bias[i]), tb)
+                hook_losses.sum().backward()
+                losses.append(hook_losses.detach())
+            loss = torch.stack(losses).sum()
             optimizer.step()
             bar.update(1)
             if step % eval_every and step != max_steps:
                 continue
             with torch.no_grad():
-                val = _losses(_logits(x_val, weight, bias), t_val)
+                val = torch.stack(
+                    [_losses(_logits(x_val[i], weight[i], bias[i]), t_val) for i in range(hooks)]
+                )
                 better = val < best_loss * (1 - min_improvement)
                 best_loss = torch.where(better, val, best_loss)
                 best_weight[better] = weight.detach()[better]
