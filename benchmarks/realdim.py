@@ -53,14 +53,15 @@ def build(folder: Path = FOLDER) -> Path:
     """The random bf16 checkpoint at Apertus-8B widths (built once: ~6 GB of float32 while building)."""
     if (folder / "config.json").exists() and any(folder.glob("*.safetensors")):
         return folder
-    from workbench.checkpoint.synthetic import SPECIALS, random_apertus, word_tokenizer
+    from workbench.checkpoint.synthetic import made_up_words, random_apertus
+    from workbench.checkpoint.tokenizer import build_tokenizer
 
     shape = dict(SHAPE)
     shape["layers"], shape["n_ctx"] = LAYERS, 1024
     model = random_apertus(**shape).to(torch.bfloat16)
     folder.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(folder)
-    word_tokenizer([f"w{i}" for i in range(SHAPE["vocab"] - len(SPECIALS))]).save_pretrained(folder)
+    build_tokenizer(made_up_words(SHAPE["vocab"])).save_pretrained(folder)
     return folder
 
 
