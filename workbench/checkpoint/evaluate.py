@@ -19,6 +19,7 @@ import torch
 from workbench.attention import head_scores
 from workbench.data.corpus import EVAL_SEED, IOIPrompt, encode_ioi, ioi_prompts, repeated_token_ids
 from workbench.hooked_model import HookedApertus
+from workbench.inputs import batches
 
 #: Sample sizes of the model card's figures (with :data:`workbench.data.corpus.EVAL_SEED`).
 CARD_IOI_PROMPTS = 512
@@ -50,8 +51,7 @@ def ioi_table(model, tokenizer, prompts: Sequence[IOIPrompt], *, batch_size: int
     """
     rows = []
     with _eval_mode(model):
-        for start in range(0, len(prompts), batch_size):
-            chunk = prompts[start : start + batch_size]
+        for chunk in batches(list(prompts), batch_size):
             batch = encode_ioi(chunk, tokenizer)
             device = _device(model)
             logits = model(
@@ -110,8 +110,8 @@ def induction_accuracy(model, tokens: torch.Tensor, length: int, *, batch_size: 
     pos = torch.tensor(positions)
     hits = total = 0
     with _eval_mode(model):
-        for start in range(0, len(tokens), batch_size):
-            chunk = tokens[start : start + batch_size].to(_device(model))
+        for chunk in batches(tokens, batch_size):
+            chunk = chunk.to(_device(model))
             logits = model(input_ids=chunk).logits
             pred = logits[:, pos].argmax(-1)
             hits += (pred == chunk[:, pos + 1]).sum().item()

@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from workbench.inputs import pad_token_id
+from workbench.inputs import last_token_index, pad, pad_token_id
 from workbench.token_text import word_token_ids
 
 __all__ = [
@@ -275,18 +275,13 @@ def encode_ioi(prompts: Sequence[IOIPrompt], tokenizer) -> IOIBatch:
     for p, c, k in zip(prompts, clean, corrupted, strict=True):
         if len(c) != len(k):
             raise ValueError(f"clean and corrupted prompts differ in length: {p.clean!r} / {p.corrupted!r}")
-    width = max(len(c) for c in clean)
-    pad = pad_token_id(tokenizer)
-
-    def padded(rows):
-        return torch.tensor([r + [pad] * (width - len(r)) for r in rows], dtype=torch.long)
-
-    mask = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in clean], dtype=torch.long)
+    clean_ids, mask = pad(clean, pad_token_id(tokenizer))
+    corrupted_ids, _ = pad(corrupted, pad_token_id(tokenizer))
     return IOIBatch(
-        clean_ids=padded(clean),
-        corrupted_ids=padded(corrupted),
+        clean_ids=clean_ids,
+        corrupted_ids=corrupted_ids,
         attention_mask=mask,
-        last=torch.tensor([len(r) - 1 for r in clean], dtype=torch.long),
+        last=last_token_index(mask),
         answer_ids=torch.tensor([_single_token(tokenizer, p.answer) for p in prompts], dtype=torch.long),
         wrong_ids=torch.tensor([_single_token(tokenizer, p.wrong) for p in prompts], dtype=torch.long),
     )

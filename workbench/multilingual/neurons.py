@@ -35,7 +35,8 @@ import plotly.graph_objects as go
 import torch
 from tqdm.auto import tqdm
 
-from workbench.multilingual.engine import act_name, batches, tokenize
+from workbench.inputs import batches
+from workbench.multilingual.engine import act_name, tokenize
 from workbench.xielu import REGIMES, classify_regimes, curve_table
 
 __all__ = [
@@ -224,8 +225,8 @@ def language_activation(
         if not items:
             raise ValueError(f"Language {language!r} has no texts.")
         n_tokens[language] = 0
-        for chunk in tqdm(batches(len(items), batch_size), desc=f"neurons {language}", disable=not progress):
-            tokens, mask = tokenize(model, [items[i] for i in chunk])
+        for batch in tqdm(batches(items, batch_size), desc=f"neurons {language}", disable=not progress):
+            tokens, mask = tokenize(model, batch)
             valid = mask.bool()
             if model.tokenizer.bos_token_id is not None:
                 valid[:, 0] = False  # BOS is the same in every language: it says nothing about language
@@ -264,8 +265,8 @@ def language_losses(
     for language, items in texts.items():
         items = list(items)
         total, count = 0.0, 0
-        for chunk in batches(len(items), batch_size):
-            tokens, mask = tokenize(model, [items[i] for i in chunk])
+        for batch in batches(items, batch_size):
+            tokens, mask = tokenize(model, batch)
             with torch.no_grad():
                 logits = model.run_with_hooks(tokens, attention_mask=mask, fwd_hooks=list(fwd_hooks))
             logprobs = logits[:, :-1].float().log_softmax(-1)

@@ -47,6 +47,7 @@ from transformers.utils import logging as hf_logging
 
 from workbench.data.alignment import IGNORE, EncodedDataset, TokenLabelledDataset
 from workbench.identity import model_identity, tensors_digest
+from workbench.inputs import batches
 from workbench.probing.harvest import is_residual_hook
 from workbench.probing.probes import ProbeResult, confusion_frame, scores
 
@@ -361,8 +362,8 @@ def evaluate(
     rows = []
     bar = tqdm(total=len(data), desc="evaluate", unit="sent", disable=not progress)
     with torch.inference_mode():
-        for start in range(0, len(data), batch_size):
-            indices = list(range(start, min(start + batch_size, len(data))))
+        for chunk in batches(range(len(data)), batch_size):
+            indices = list(chunk)
             batch = data.batch(indices)
             probs = (
                 model(batch["input_ids"], attention_mask=batch["attention_mask"]).float().softmax(-1).cpu()

@@ -31,6 +31,7 @@ from tqdm.auto import tqdm
 from workbench import executors
 from workbench.data.alignment import IGNORE, EncodedDataset, TokenLabelledDataset
 from workbench.identity import file_digest, model_identity
+from workbench.inputs import batches
 
 __all__ = [
     "CorruptHarvestError",
@@ -444,8 +445,8 @@ def _harvest_shard(
         key: torch.empty(n_labelled, dtype=torch.long) for key in ("labels", "types", "sentence", "position")
     }
     with torch.inference_mode(), model.hooks(fwd_hooks=[(name, keep) for name in hooks]):
-        for start in range(sentences.start, sentences.stop, batch_size):
-            indices = list(range(start, min(start + batch_size, sentences.stop)))
+        for chunk in batches(sentences, batch_size):
+            indices = list(chunk)
             batch = data.batch(indices)
             mask = batch["labels"] != IGNORE
             rows, cols = mask.nonzero(as_tuple=True)
