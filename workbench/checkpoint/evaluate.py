@@ -99,7 +99,7 @@ def _split_copies(tokens: torch.Tensor, length: int) -> int:
 def induction_accuracy(model, tokens: torch.Tensor, length: int, *, batch_size: int = 64) -> float:
     """Top-1 accuracy on every copy after the first of repeated random sequences.
 
-    ``tokens``: ``[n, prefix + repeats*length]`` as from :func:`workbench.data.corpus.repeated_token_ids`
+    tokens: ``[n, prefix + repeats*length]`` as from :func:`workbench.data.corpus.repeated_token_ids`
     (``prefix`` is 1 with BOS). The first token of each later copy is not counted: nothing announces that
     a repeat begins, so only the following ``length - 1`` tokens of each copy are predictable.
     """

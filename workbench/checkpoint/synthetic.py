@@ -118,8 +118,8 @@ def random_apertus(
     """A randomly initialised ApertusForCausalLM whose norms and xIELU scalars are perturbed too, so that no
     component is the identity it starts as.
 
-    ``dtype``: the weights are created in it directly (an 8B-width model in bfloat16 never exists in
-    float32). ``special_ids``: ``bos_token_id`` / ``eos_token_id`` / ``pad_token_id`` for the config.
+    dtype: the weights are created in it directly (an 8B-width model in bfloat16 never exists in float32).
+    special_ids: ``bos_token_id`` / ``eos_token_id`` / ``pad_token_id`` for the config.
     """
     config = ApertusConfig(
         vocab_size=vocab,

@@ -197,14 +197,13 @@ def ioi_prompts(
 ) -> list[IOIPrompt]:
     """Generate ``n`` IOI prompt pairs.
 
-    Args:
-        n: number of prompts.
-        seed: seed of this call's ``random.Random``.
-        split: ``"heldout"`` (name pairs never used in training), ``"train"`` or ``"any"``.
-        corruption: ``"s2"`` (the second subject mention becomes the indirect object, flipping the
-            answer; one token changes) or ``"abc"`` (the three name tokens become three other names).
-        templates: indices into :data:`IOI_TEMPLATES` to draw from (default: all); pass one index to get
-            prompts that all have the same token length and name positions.
+    n: number of prompts.
+    seed: seed of this call's ``random.Random``.
+    split: ``"heldout"`` (name pairs never used in training), ``"train"`` or ``"any"``.
+    corruption: ``"s2"`` (the second subject mention becomes the indirect object, flipping the answer; one
+        token changes) or ``"abc"`` (the three name tokens become three other names).
+    templates: indices into :data:`IOI_TEMPLATES` to draw from (default: all); pass one index to get prompts
+        that all have the same token length and name positions.
     """
     if split not in ("heldout", "train", "any"):
         raise ValueError(f"split must be 'heldout', 'train' or 'any', not {split!r}")
@@ -245,9 +244,11 @@ def ioi_prompts(
 class IOIBatch:
     """Token ids of a list of :class:`IOIPrompt`, right-padded.
 
-    ``clean_ids``/``corrupted_ids``: ``[n, max_len]`` with BOS first; ``attention_mask`` marks real tokens;
-    ``last``: index of each prompt's final token (where the answer is predicted), identical for clean and
-    corrupted; ``answer_ids``/``wrong_ids``: ``[n]``.
+    clean_ids, corrupted_ids: ``[n, max_len]`` with BOS first.
+    attention_mask: marks real tokens.
+    last: index of each prompt's final token (where the answer is predicted), identical for clean and
+        corrupted.
+    answer_ids, wrong_ids: ``[n]``.
     """
 
     clean_ids: torch.Tensor
@@ -346,10 +347,12 @@ def repeated_token_ids(
 class TaggedSentence:
     """A grammar sentence with one label of each kind per word.
 
-    ``pos``: UPOS tag (:data:`UPOS_TAGS`). ``roles``: ``"SUBJ"`` for every word inside the main clause's
-    subject noun phrase (modifiers included), ``"OBJ"`` inside its direct-object noun phrase, ``"OTHER"``
-    elsewhere (verb, adverbs, prepositional phrases of the verb, punctuation). ``depths``: how many phrases
-    (NP, VP, PP, relative clause) enclose the word; the final full stop is at depth 0.
+    pos: UPOS tag (:data:`UPOS_TAGS`).
+    roles: ``"SUBJ"`` for every word inside the main clause's subject noun phrase (modifiers included),
+        ``"OBJ"`` inside its direct-object noun phrase, ``"OTHER"`` elsewhere (verb, adverbs, prepositional
+        phrases of the verb, punctuation).
+    depths: how many phrases (NP, VP, PP, relative clause) enclose the word; the final full stop is at
+        depth 0.
     Words map one-to-one to tokens of the word-level tokenizer; :attr:`text` attaches the punctuation.
     """
 

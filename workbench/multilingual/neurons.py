@@ -210,8 +210,9 @@ def language_activation(
 ) -> LanguageActivation:
     """Count, per language, how often each xIELU neuron's pre-activation falls in each regime.
 
-    ``texts``: ``{language: [text, ...]}``. One forward per batch with hooks on ``mlp.hook_pre``, stopped
-    after the last layer counted; memory is one batch's activations."""
+    texts: ``{language: [text, ...]}``.
+    One forward per batch with hooks on ``mlp.hook_pre``, stopped after the last layer counted; memory is one
+    batch's activations."""
     if not texts:
         raise ValueError("Give at least one language: texts={'en': [...], ...}.")
     layers = list(range(model.cfg.n_layers)) if layers is None else [model.check_layer(la) for la in layers]

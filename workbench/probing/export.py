@@ -73,10 +73,10 @@ def export_probe(
     different, see :mod:`workbench.identity`) is refused. By default the folder gets config.json (the
     tagger's config: ``num_hidden_layers = l``, ``id2label``/``label2id``, ``probe_base_checkpoint``),
     probe.safetensors (head and unit norm) and probe.json (where the probe came from, its test scores, the
-    files written); load it with ``load_probe_tagger(folder)``. ``base``: the checkpoint the tagger is built
-    on (default: the folder or hub id ``model`` was loaded from). ``standalone=True``: a full checkpoint
-    (model.safetensors with the kept layers, the tokenizer) that
-    ``ApertusForTokenClassification.from_pretrained(folder)`` loads alone.
+    files written); load it with ``load_probe_tagger(folder)``.
+    base: the checkpoint the tagger is built on (default: the folder or hub id ``model`` was loaded from).
+    standalone: True writes a full checkpoint (model.safetensors with the kept layers, the tokenizer) that
+        ``ApertusForTokenClassification.from_pretrained(folder)`` loads alone.
     """
     i = result.index(layer)
     hook, n_layers = result.hooks[i], result.layers[i]
