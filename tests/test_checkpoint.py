@@ -96,6 +96,30 @@ def test_tokenizer_makes_names_single_tokens(tokenizer):
     assert tokenizer.unk_token_id not in ids
 
 
+@pytest.mark.parametrize("name", ["apertus-tiny", "apertus-tiny-multi"])
+def test_shipped_tokenizer_files_are_what_the_one_builder_writes(name, tmp_path):
+    # build_tokenizer is the only tokenizer builder (the random test checkpoints use it too): rebuilding
+    # the shipped tokenizers must give their files byte for byte.
+    from workbench.checkpoint.tokenizer import build_tokenizer
+    from workbench.data import multilingual
+
+    words = multilingual.vocabulary() if name.endswith("multi") else None
+    build_tokenizer(words).save_pretrained(tmp_path)
+    for file in ("tokenizer.json", "tokenizer_config.json"):
+        assert (tmp_path / file).read_bytes() == (DEFAULT_CHECKPOINT.parent / name / file).read_bytes(), file
+
+
+def test_random_checkpoints_word_tokenizer_comes_from_the_same_builder():
+    from workbench.checkpoint.synthetic import made_up_words
+    from workbench.checkpoint.tokenizer import build_tokenizer
+
+    tok = build_tokenizer(made_up_words(96))
+    assert len(tok) == 96 and tok.convert_tokens_to_ids("▁w5") == 9 and tok.pad_token_id == 3
+    # Not sorted as strings: w10 comes after w9, so ids follow the made-up words' numbering.
+    assert tok(" w9 w10", add_special_tokens=False).input_ids == [13, 14]
+    assert tok.decode([9]) == " w5"  # the shipped tokenizer's decoder keeps the leading space
+
+
 def test_pipeline_generates():
     generator = pipeline("text-generation", model=str(DEFAULT_CHECKPOINT))
     prompt = "The old dog saw"

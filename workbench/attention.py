@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 
 from workbench import figures
 from workbench.hooked_model import HookedApertus
+from workbench.inputs import batches
 
 SCORES = ("previous_token", "duplicate_token", "induction")
 SCORE_TITLES = {
@@ -419,8 +420,7 @@ def head_scores(
         for prompt in prompts:
             attention = cache_attention(model, prompt)
             for layer in range(cfg.n_layers):
-                for start in range(0, attention.n_tokens, chunk):
-                    rows = range(start, min(start + chunk, attention.n_tokens))
+                for rows in batches(range(attention.n_tokens), chunk):
                     pattern = attention_pattern(attention, layer, queries=rows, keys=range(rows.stop))
                     sums = _score_sums(pattern, attention.tokens[: rows.stop], rows)
                     sums.index = pd.MultiIndex.from_product(

@@ -1,7 +1,8 @@
 """What the model accepts as input: texts tokenised and padded by one rule, token ids and masks checked.
 
 Every analysis tokenises through the model (`model.tokenize`, `model.to_tokens`), so the padding rule, the
-pad id and the BOS rule live here once.
+pad id and the BOS rule live here once; so do the batching of prompts (`batches`) and the rule for each row's
+last real token (`last_token_index`).
 """
 
 from __future__ import annotations
@@ -130,3 +131,21 @@ def check_attention_mask(mask: Any, shape: tuple[int, int]) -> torch.Tensor | No
             f"attention_mask rows {empty} are all zero: every prompt needs at least one real token."
         )
     return None if bool(mask.all()) else mask
+
+
+def batches(items: Any, size: int) -> list:
+    """`items` (a list, a tensor along its first axis, or a `range` of indices) cut into consecutive slices
+    of `size`, the last one shorter when `size` does not divide it; each slice has the type of `items`.
+
+    size: items per batch, a positive integer.
+    """
+    if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+        raise ValueError(f"batch_size must be a positive integer, not {size!r}.")
+    return [items[start : start + size] for start in range(0, len(items), size)]
+
+
+def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Each row's last real token: the last position the 0/1 mask [batch, pos] marks, whichever side the
+    padding is on ([batch] long, on the mask's device)."""
+    mask = attention_mask.long()
+    return (torch.arange(mask.shape[-1], device=mask.device) * mask).argmax(-1)

@@ -26,6 +26,7 @@ from typing import Any, Literal
 import torch
 
 from workbench.generation import current_step
+from workbench.inputs import last_token_index
 from workbench.names import act_name
 
 Hook = tuple[str, Callable]
@@ -172,7 +173,7 @@ def _last_and_mean(model: Any, texts: Sequence[str], layer: int, at: str | int):
     resid, real = cache[name].float(), mask.to(cache[name].device).bool()
     norms = resid.norm(dim=-1)[real].mean()
     if at == "last":
-        return resid[:, -1], norms
+        return resid[torch.arange(len(resid), device=resid.device), last_token_index(real)], norms
     if at == "mean":
         return (resid * real[..., None]).sum(1) / real.sum(1, keepdim=True), norms
     if isinstance(at, int):

@@ -30,6 +30,7 @@ from transformer_lens.ActivationCache import ActivationCache
 
 from workbench import figures
 from workbench.hooked_model import HookedApertus, Input
+from workbench.inputs import batches, last_token_index
 from workbench.names import act_name, resid_labels, resid_names
 
 TokenLike = int | str
@@ -150,18 +151,18 @@ def logit_lens_topk(
     top_logit = torch.empty((len(rows), k))
     top_id = torch.empty((len(rows), k), dtype=torch.long)
     log_norm = torch.empty(len(rows))
-    for first in range(0, len(rows), row_chunk):
-        best = torch.full((min(row_chunk, len(rows) - first), 0), -torch.inf)
+    for span in batches(range(len(rows)), row_chunk):
+        part = slice(span.start, span.stop)
+        best = torch.full((len(span), 0), -torch.inf)
         ids = torch.empty(best.shape, dtype=torch.long)
         lse = torch.full(best.shape[:1], -torch.inf)
-        for start, logits in _logit_chunks(model, rows[first : first + row_chunk], vocab_chunk):
+        for start, logits in _logit_chunks(model, rows[part], vocab_chunk):
             logits = logits.cpu()
             lse = torch.logaddexp(lse, logits.logsumexp(-1))
             values, where = logits.topk(min(k, logits.shape[-1]), dim=-1)
             best, pick = torch.cat([best, values], -1).topk(min(k, best.shape[-1] + values.shape[-1]), dim=-1)
             ids = torch.cat([ids, where + start], -1).gather(-1, pick)
-        top_logit[first : first + len(best)], top_id[first : first + len(best)] = best, ids
-        log_norm[first : first + len(best)] = lse
+        top_logit[part], top_id[part], log_norm[part] = best, ids, lse
     return top_logit.view(*shape, k), top_id.view(*shape, k), log_norm.view(shape)
 
 
@@ -454,10 +455,7 @@ def direct_logit_attribution(
     tokens, mask = _tokens_and_mask(model, input, attention_mask)
     batch, length = tokens.shape
     if position is None:
-        if mask is not None:
-            positions = torch.tensor([int(row.nonzero().max()) for row in mask.bool()])
-        else:
-            positions = torch.full((batch,), length - 1)
+        positions = last_token_index(mask).cpu() if mask is not None else torch.full((batch,), length - 1)
     else:
         positions = torch.full((batch,), _check_position(position, length))
     answers = _token_ids(model, answer, batch, "answer")

@@ -53,7 +53,7 @@ def display_tokens(
 ) -> list[str]:
     """The display text of each token in ``ids`` (a list, or a 1-D tensor or array), in order.
 
-    ``partial``: ``"hex"`` shows the bytes of a split character as ``<0xF0>`` in each token; ``"merge"``
+    partial: ``"hex"`` shows the bytes of a split character as ``<0xF0>`` in each token; ``"merge"``
     shows the character on its first token (see the module's docstring).
     """
     if partial not in ("hex", "merge"):

@@ -43,6 +43,7 @@ from tqdm.auto import tqdm
 
 from workbench import executors, figures
 from workbench.hooked_model import HookedApertus
+from workbench.inputs import batches
 from workbench.names import act_name
 
 REGIMES: tuple[str, ...] = ("positive", "negative falling", "negative rising")
@@ -354,20 +355,12 @@ def xielu_statistics(
     )
     if bin_edges is not None:
         acc.edges = np.array(bin_edges, dtype=np.float64)
-    batches = (
-        list(_batches(prompts, batch_size))
-        if isinstance(prompts, torch.Tensor)
-        else _batches(prompts, batch_size)
-    )
-    total = None
-    if isinstance(prompts, torch.Tensor):
-        total = len(batches)
-    elif hasattr(prompts, "__len__"):
-        total = math.ceil(len(prompts) / batch_size)
+    prompt_batches = _batches(prompts, batch_size)
+    total = len(prompt_batches) if isinstance(prompt_batches, list) else None
 
     hooks = acc.hooks()
     stop = max(layers) + 1
-    for batch in tqdm(batches, total=total, desc="xIELU statistics", disable=not progress):
+    for batch in tqdm(prompt_batches, total=total, desc="xIELU statistics", disable=not progress):
         tokens, mask = _tokens_and_mask(model, batch)
         valid = mask.bool().clone() if mask is not None else torch.ones_like(tokens, dtype=torch.bool)
         if skip_bos:
@@ -392,7 +385,7 @@ def _sharded_statistics(model, prompts, executor, shard_prompts, bin_edges, opti
     size = shard_prompts or max(len(prompts) // 8, options["batch_size"])
     if not isinstance(size, int) or size < 1:
         raise ValueError(f"shard_prompts must be a positive integer, not {shard_prompts!r}.")
-    shards = [(start, min(start + size, len(prompts))) for start in range(0, len(prompts), size)]
+    shards = [(rows.start, rows.stop) for rows in batches(range(len(prompts)), size)]
     executor = executors.resolve(executor)
     bar = tqdm(total=len(shards), desc="xIELU statistics (shards)", unit="shard", disable=not progress)
     parts = {}
@@ -454,15 +447,22 @@ def _shift_prompts(where: np.ndarray, offset: int) -> np.ndarray:
 
 
 def _batches(prompts, batch_size: int):
+    """A list of batches (`workbench.inputs.batches`), or a stream of them for an iterator of texts that has
+    no length (read as the statistics go, never held whole)."""
     if isinstance(prompts, torch.Tensor):
         if prompts.ndim != 2 or prompts.dtype.is_floating_point:
             raise ValueError(
                 f"Token ids must be an integer tensor [n, pos]; got {prompts.dtype} {tuple(prompts.shape)}."
             )
-        yield from prompts.split(batch_size)
-        return
+        return batches(prompts, batch_size)
     if isinstance(prompts, str):
         raise TypeError("prompts is a single str: pass a list of texts (e.g. [text]).")
+    if hasattr(prompts, "__len__"):
+        return batches(list(prompts), batch_size)
+    return _streamed_batches(prompts, batch_size)
+
+
+def _streamed_batches(prompts, batch_size: int):
     batch: list[str] = []
     for text in prompts:
         batch.append(text)

@@ -1,9 +1,11 @@
 """Measure the abilities of a causal LM on the corpus tasks with known ground truth.
 
 The functions take a plain ``transformers`` causal LM (e.g. ``AutoModelForCausalLM.from_pretrained``) and its
-tokenizer and return plain numbers or pandas DataFrames; attention patterns are read with the eager kernel,
-switched on for the call and restored after. The training script writes :func:`measure_abilities` into the
-model card, and the tests recompute it with the same arguments, so card and tests agree by construction.
+tokenizer and return plain numbers or pandas DataFrames. Head scores are the attention analysis's own
+(:func:`workbench.attention.head_scores`, on the model wrapped without copying a weight), so the card's
+induction score and the notebooks' are one definition. The training script writes :func:`measure_abilities`
+into the model card, and the tests recompute it with the same arguments, so card and tests agree by
+construction.
 """
 
 from __future__ import annotations
@@ -14,7 +16,10 @@ from contextlib import contextmanager
 import pandas as pd
 import torch
 
+from workbench.attention import head_scores
 from workbench.data.corpus import EVAL_SEED, IOIPrompt, encode_ioi, ioi_prompts, repeated_token_ids
+from workbench.hooked_model import HookedApertus
+from workbench.inputs import batches
 
 #: Sample sizes of the model card's figures (with :data:`workbench.data.corpus.EVAL_SEED`).
 CARD_IOI_PROMPTS = 512
@@ -33,19 +38,6 @@ def _eval_mode(model) -> Iterator[None]:
         model.train(was_training)
 
 
-@contextmanager
-def _eager_attention(model) -> Iterator[None]:
-    # SDPA never materialises attention weights; the eager kernel returns them.
-    previous = model.config._attn_implementation
-    if previous != "eager":
-        model.set_attn_implementation("eager")
-    try:
-        yield
-    finally:
-        if previous != "eager":
-            model.set_attn_implementation(previous)
-
-
 def _device(model) -> torch.device:
     return next(model.parameters()).device
 
@@ -59,8 +51,7 @@ def ioi_table(model, tokenizer, prompts: Sequence[IOIPrompt], *, batch_size: int
     """
     rows = []
     with _eval_mode(model):
-        for start in range(0, len(prompts), batch_size):
-            chunk = prompts[start : start + batch_size]
+        for chunk in batches(list(prompts), batch_size):
             batch = encode_ioi(chunk, tokenizer)
             device = _device(model)
             logits = model(
@@ -108,7 +99,7 @@ def _split_copies(tokens: torch.Tensor, length: int) -> int:
 def induction_accuracy(model, tokens: torch.Tensor, length: int, *, batch_size: int = 64) -> float:
     """Top-1 accuracy on every copy after the first of repeated random sequences.
 
-    ``tokens``: ``[n, prefix + repeats*length]`` as from :func:`workbench.data.corpus.repeated_token_ids`
+    tokens: ``[n, prefix + repeats*length]`` as from :func:`workbench.data.corpus.repeated_token_ids`
     (``prefix`` is 1 with BOS). The first token of each later copy is not counted: nothing announces that
     a repeat begins, so only the following ``length - 1`` tokens of each copy are predictable.
     """
@@ -119,8 +110,8 @@ def induction_accuracy(model, tokens: torch.Tensor, length: int, *, batch_size: 
     pos = torch.tensor(positions)
     hits = total = 0
     with _eval_mode(model):
-        for start in range(0, len(tokens), batch_size):
-            chunk = tokens[start : start + batch_size].to(_device(model))
+        for chunk in batches(tokens, batch_size):
+            chunk = chunk.to(_device(model))
             logits = model(input_ids=chunk).logits
             pred = logits[:, pos].argmax(-1)
             hits += (pred == chunk[:, pos + 1]).sum().item()
@@ -128,43 +119,33 @@ def induction_accuracy(model, tokens: torch.Tensor, length: int, *, batch_size: 
     return hits / total
 
 
-def induction_scores(model, tokens: torch.Tensor, length: int, *, batch_size: int = 64) -> pd.DataFrame:
+def induction_scores(model, tokens: torch.Tensor, length: int) -> pd.DataFrame:
     """Induction score of every head: mean attention from each token of a later copy to the token that
-    followed its previous occurrence (offset ``length - 1`` back). Index: layer; columns: head."""
-    prefix = _split_copies(tokens, length)
-    width = tokens.shape[1]
-    queries = torch.arange(prefix + length, width)
-    keys = queries - length + 1
-    sums = None
-    with _eval_mode(model), _eager_attention(model):
-        for start in range(0, len(tokens), batch_size):
-            chunk = tokens[start : start + batch_size].to(_device(model))
-            attentions = model(input_ids=chunk, output_attentions=True).attentions
-            # [layers, batch, heads, query, key] -> attention along the induction stripe, summed over batch.
-            stripe = torch.stack([a[:, :, queries, keys].float().mean(-1).sum(0).cpu() for a in attentions])
-            sums = stripe if sums is None else sums + stripe
-    scores = sums / len(tokens)
-    frame = pd.DataFrame(scores.numpy(), index=pd.RangeIndex(scores.shape[0], name="layer"))
-    frame.columns = pd.RangeIndex(scores.shape[1], name="head")
-    return frame
+    followed its previous occurrence (offset ``length - 1`` back). Index: layer; columns: head.
+
+    The ``induction`` column of :func:`workbench.attention.head_scores`: on repeated sequences of distinct
+    tokens (``repeated_token_ids``) each later-copy token's only target is that offset.
+    """
+    _split_copies(tokens, length)
+    return _head_score_grid(model, tokens, "induction")
 
 
-def previous_token_scores(model, tokens: torch.Tensor, *, batch_size: int = 64) -> pd.DataFrame:
-    """Mean attention of every head from each token (after the first two) to the token just before it."""
-    queries = torch.arange(2, tokens.shape[1])
-    sums = None
-    with _eval_mode(model), _eager_attention(model):
-        for start in range(0, len(tokens), batch_size):
-            chunk = tokens[start : start + batch_size].to(_device(model))
-            attentions = model(input_ids=chunk, output_attentions=True).attentions
-            stripe = torch.stack(
-                [a[:, :, queries, queries - 1].float().mean(-1).sum(0).cpu() for a in attentions]
-            )
-            sums = stripe if sums is None else sums + stripe
-    scores = sums / len(tokens)
-    frame = pd.DataFrame(scores.numpy(), index=pd.RangeIndex(scores.shape[0], name="layer"))
-    frame.columns = pd.RangeIndex(scores.shape[1], name="head")
-    return frame
+def previous_token_scores(model, tokens: torch.Tensor) -> pd.DataFrame:
+    """Mean attention of every head from each token (after the first) to the token just before it.
+
+    The ``previous_token`` column of :func:`workbench.attention.head_scores`. Index: layer; columns: head.
+    """
+    return _head_score_grid(model, tokens, "previous_token")
+
+
+def _head_score_grid(model, tokens: torch.Tensor, score: str) -> pd.DataFrame:
+    with _eval_mode(model):
+        # No tokenizer: the scores read token ids only. The wrapper holds the model's modules, copying none.
+        table = head_scores(HookedApertus(model, None), tokens, progress=False)
+    grid = table[score].unstack("head")
+    grid.index = pd.RangeIndex(len(grid), name="layer")
+    grid.columns = pd.RangeIndex(grid.shape[1], name="head")
+    return grid
 
 
 def measure_abilities(

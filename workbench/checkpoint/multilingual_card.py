@@ -16,6 +16,7 @@ import pandas as pd
 from workbench.data import multilingual as ml
 from workbench.data.alignment import TokenLabelledDataset
 from workbench.data.corpus import EVAL_SEED
+from workbench.inputs import last_token_index
 
 #: Settings of the card's figures (the tests use the same).
 CARD_TEXTS = 200  # grammar sentences per language for neuron statistics and losses
@@ -33,7 +34,7 @@ def translation_table(model) -> pd.DataFrame:
     prompts = ml.translation_prompts()
     tokens, mask = tokenize(model, [p.prompt for p in prompts])
     logits = model(tokens, attention_mask=mask)
-    last = logits[range(len(prompts)), mask.sum(1) - 1].argmax(-1).tolist()
+    last = logits[range(len(prompts)), last_token_index(mask)].argmax(-1).tolist()
     answers = [answer_token(model.tokenizer, p.words[p.target]) for p in prompts]
     return pd.DataFrame(
         {

@@ -1,8 +1,10 @@
 """Random Apertus checkpoints of any shape, written to a folder like a real one (tests and benchmarks).
 
-Two tokenizers go with them: :func:`word_tokenizer` (one token per made-up word, as small as the vocabulary
-asked for) and :func:`tekken_tokenizer`, a real 131,072-token byte-level BPE (Mistral-Nemo's "tekken"
-vocabulary, shipped offline inside the ``mistral-common`` package) for tests at a real model's scale.
+Two tokenizers go with them: the shipped checkpoint's word-level tokenizer
+(:func:`workbench.checkpoint.tokenizer.build_tokenizer`) over :func:`made_up_words`, as small as the
+vocabulary asked for, and :func:`tekken_tokenizer`, a real 131,072-token byte-level BPE (Mistral-Nemo's
+"tekken" vocabulary, shipped offline inside the ``mistral-common`` package) for tests at a real model's
+scale.
 """
 
 from __future__ import annotations
@@ -16,11 +18,10 @@ import tempfile
 from pathlib import Path
 
 import torch
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
 from transformers import ApertusConfig, ApertusForCausalLM, PreTrainedTokenizerFast
 from transformers.initialization import no_init_weights
 
-SPECIALS = ["<unk>", "<s>", "</s>", "<pad>"]
+from workbench.checkpoint.tokenizer import SPECIAL_TOKENS, build_tokenizer
 
 #: The vocabulary size of :func:`tekken_tokenizer` (that of Apertus-8B too).
 TEKKEN_VOCAB = 131072
@@ -37,18 +38,10 @@ APERTUS_8B_SHAPE = {
 }
 
 
-def word_tokenizer(words: list[str]) -> PreTrainedTokenizerFast:
-    """A word-level tokenizer (" word" is one token) that prepends <s>, as Apertus's tokenizer does."""
-    vocab = {w: i for i, w in enumerate(SPECIALS + [f"▁{w}" for w in words])}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Metaspace()
-    tok.decoder = decoders.Metaspace()
-    tok.post_processor = processors.TemplateProcessing(
-        single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", vocab["<s>"])]
-    )
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>", pad_token="<pad>"
-    )
+def made_up_words(vocab_size: int) -> list[str]:
+    """The words ``w0``, ``w1``... that fill a word tokenizer of ``vocab_size`` tokens after the special ones
+    (``" w5"`` is one token, id 9)."""
+    return [f"w{i}" for i in range(vocab_size - len(SPECIAL_TOKENS))]
 
 
 def tekken_tokenizer(cache_dir: str | Path | None = None) -> PreTrainedTokenizerFast:
@@ -125,8 +118,8 @@ def random_apertus(
     """A randomly initialised ApertusForCausalLM whose norms and xIELU scalars are perturbed too, so that no
     component is the identity it starts as.
 
-    ``dtype``: the weights are created in it directly (an 8B-width model in bfloat16 never exists in
-    float32). ``special_ids``: ``bos_token_id`` / ``eos_token_id`` / ``pad_token_id`` for the config.
+    dtype: the weights are created in it directly (an 8B-width model in bfloat16 never exists in float32).
+    special_ids: ``bos_token_id`` / ``eos_token_id`` / ``pad_token_id`` for the config.
     """
     config = ApertusConfig(
         vocab_size=vocab,
@@ -215,7 +208,7 @@ def make_random_checkpoint(folder: str | Path, *, tokenizer: str = "words", **sh
         shape["special_ids"] = {**ids, "pad_token_id": tok.pad_token_id}
     model = random_apertus(**shape)
     if tokenizer == "words":
-        tok = word_tokenizer([f"w{i}" for i in range(model.config.vocab_size - len(SPECIALS))])
+        tok = build_tokenizer(made_up_words(model.config.vocab_size))
     # Shards of at most 1 GB: saving copies one shard's bytes at a time, so a 3 GB model needs 1 GB spare.
     model.save_pretrained(folder, max_shard_size="1GB")
     tok.save_pretrained(folder)

@@ -1,12 +1,13 @@
-"""The word-level tokenizer of the embedded checkpoint.
+"""The one word-level tokenizer builder: the shipped checkpoints' tokenizers and the random test checkpoints'.
 
-One token per word of :func:`workbench.data.corpus.vocabulary`, so every name and every IOI answer is a
-single token. A ``Metaspace`` pre-tokenizer marks the leading space as ``▁`` (" Mary" and "Mary" are both
-the token ``▁Mary``), punctuation is split off, ``<s>`` is prepended by the post-processor, and the
-special-token ids follow ``ApertusConfig``'s defaults (``<unk>``=0, ``<s>``=1, ``</s>``=2, ``<pad>``=3).
-Decoding is the concatenation of the tokens' surface forms, spaces included: ``decode([id_of_Mary])`` is
-``" Mary"``, and ``decode(tokenizer("The dog ran.").input_ids, skip_special_tokens=True)`` is
-``" The dog ran."`` (with a leading space).
+One token per word of :func:`workbench.data.corpus.vocabulary` (or of any word list), so every name and
+every IOI answer is a single token. A ``Metaspace`` pre-tokenizer marks the leading space as ``▁``
+(" Mary" and "Mary" are both the token ``▁Mary``), punctuation is split off, ``<s>`` is prepended by the
+post-processor, and the special-token ids follow ``ApertusConfig``'s defaults (``<unk>``=0, ``<s>``=1,
+``</s>``=2, ``<pad>``=3). Decoding is the concatenation of the tokens' surface forms, spaces included:
+``decode([id_of_Mary])`` is ``" Mary"``, and
+``decode(tokenizer("The dog ran.").input_ids, skip_special_tokens=True)`` is ``" The dog ran."`` (with a
+leading space).
 """
 
 from __future__ import annotations
@@ -29,8 +30,12 @@ def _token(word: str) -> str:
 
 
 def build_tokenizer(words: Iterable[str] | None = None) -> PreTrainedTokenizerFast:
-    """Build the tokenizer over ``words`` (default: the whole corpus vocabulary)."""
-    words = vocabulary() if words is None else sorted(set(words))
+    """Build the tokenizer over ``words`` (default: the whole corpus vocabulary).
+
+    words: the vocabulary after the four special tokens, ids in the order given (repeats are skipped); the
+        shipped checkpoints pass sorted lists, so their tokenizer files come out byte-identical.
+    """
+    words = vocabulary() if words is None else words
     vocab = {tok: i for i, tok in enumerate(SPECIAL_TOKENS)}
     for w in words:
         vocab.setdefault(_token(w), len(vocab))

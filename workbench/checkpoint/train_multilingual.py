@@ -26,6 +26,7 @@ from transformers import ApertusForCausalLM
 from workbench.checkpoint.tokenizer import build_tokenizer
 from workbench.checkpoint.train import Recipe, make_config, save
 from workbench.data import multilingual as ml
+from workbench.inputs import last_token_index
 
 #: Where the multilingual checkpoint ships.
 MULTI_CHECKPOINT = Path(__file__).parent / "apertus-tiny-multi"
@@ -98,7 +99,7 @@ def translation_accuracy(model, tokenizer, prompts) -> float:
     mask = (torch.arange(width)[None] < torch.tensor([len(r) for r in rows])[:, None]).long()
     with torch.no_grad():
         logits = model(input_ids=ids, attention_mask=mask).logits
-    last = logits[torch.arange(len(rows)), mask.sum(1) - 1]
+    last = logits[torch.arange(len(rows)), last_token_index(mask)]
     model.train(was_training)
     return float((last.argmax(-1) == answers).float().mean())
 

@@ -15,6 +15,7 @@ from tqdm.auto import tqdm
 
 from workbench.circuits.forward import EdgeHooks, Outputs, mean_outputs
 from workbench.circuits.graph import Graph
+from workbench.inputs import batches
 from workbench.names import act_name
 from workbench.patching import PatchingExperiment
 from workbench.patching.components import runs_of
@@ -81,7 +82,7 @@ def run_variants(
     )
     entry = first_layers(graph, A)
     order = entry.argsort(stable=True).tolist()
-    chunks = [order[i : i + per_chunk] for i in range(0, len(order), per_chunk)]
+    chunks = batches(order, per_chunk)
     values = []
     for chunk in tqdm(chunks, desc="edge patching", disable=not progress or len(chunks) < 2, leave=False):
         start = int(entry[chunk].min())

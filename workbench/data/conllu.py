@@ -80,8 +80,9 @@ def read_conllu(
 ) -> TokenLabelledDataset:
     """Read a CoNLL-U file into a :class:`TokenLabelledDataset` labelled by ``column``.
 
-    ``missing``: the label of a word whose column is ``_`` (or lacks the FEATS/MISC key); None leaves the word
-    unlabelled (its tokens get -100). ``label_names``: the class order; default, the labels seen, sorted.
+    missing: the label of a word whose column is ``_`` (or lacks the FEATS/MISC key); None leaves the word
+        unlabelled (its tokens get -100).
+    label_names: the class order; default, the labels seen, sorted.
     """
     path = Path(path)
     if not path.exists():

@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from workbench.inputs import pad_token_id
+from workbench.inputs import last_token_index, pad, pad_token_id
 from workbench.token_text import word_token_ids
 
 __all__ = [
@@ -197,14 +197,13 @@ def ioi_prompts(
 ) -> list[IOIPrompt]:
     """Generate ``n`` IOI prompt pairs.
 
-    Args:
-        n: number of prompts.
-        seed: seed of this call's ``random.Random``.
-        split: ``"heldout"`` (name pairs never used in training), ``"train"`` or ``"any"``.
-        corruption: ``"s2"`` (the second subject mention becomes the indirect object, flipping the
-            answer; one token changes) or ``"abc"`` (the three name tokens become three other names).
-        templates: indices into :data:`IOI_TEMPLATES` to draw from (default: all); pass one index to get
-            prompts that all have the same token length and name positions.
+    n: number of prompts.
+    seed: seed of this call's ``random.Random``.
+    split: ``"heldout"`` (name pairs never used in training), ``"train"`` or ``"any"``.
+    corruption: ``"s2"`` (the second subject mention becomes the indirect object, flipping the answer; one
+        token changes) or ``"abc"`` (the three name tokens become three other names).
+    templates: indices into :data:`IOI_TEMPLATES` to draw from (default: all); pass one index to get prompts
+        that all have the same token length and name positions.
     """
     if split not in ("heldout", "train", "any"):
         raise ValueError(f"split must be 'heldout', 'train' or 'any', not {split!r}")
@@ -245,9 +244,11 @@ def ioi_prompts(
 class IOIBatch:
     """Token ids of a list of :class:`IOIPrompt`, right-padded.
 
-    ``clean_ids``/``corrupted_ids``: ``[n, max_len]`` with BOS first; ``attention_mask`` marks real tokens;
-    ``last``: index of each prompt's final token (where the answer is predicted), identical for clean and
-    corrupted; ``answer_ids``/``wrong_ids``: ``[n]``.
+    clean_ids, corrupted_ids: ``[n, max_len]`` with BOS first.
+    attention_mask: marks real tokens.
+    last: index of each prompt's final token (where the answer is predicted), identical for clean and
+        corrupted.
+    answer_ids, wrong_ids: ``[n]``.
     """
 
     clean_ids: torch.Tensor
@@ -275,18 +276,13 @@ def encode_ioi(prompts: Sequence[IOIPrompt], tokenizer) -> IOIBatch:
     for p, c, k in zip(prompts, clean, corrupted, strict=True):
         if len(c) != len(k):
             raise ValueError(f"clean and corrupted prompts differ in length: {p.clean!r} / {p.corrupted!r}")
-    width = max(len(c) for c in clean)
-    pad = pad_token_id(tokenizer)
-
-    def padded(rows):
-        return torch.tensor([r + [pad] * (width - len(r)) for r in rows], dtype=torch.long)
-
-    mask = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in clean], dtype=torch.long)
+    clean_ids, mask = pad(clean, pad_token_id(tokenizer))
+    corrupted_ids, _ = pad(corrupted, pad_token_id(tokenizer))
     return IOIBatch(
-        clean_ids=padded(clean),
-        corrupted_ids=padded(corrupted),
+        clean_ids=clean_ids,
+        corrupted_ids=corrupted_ids,
         attention_mask=mask,
-        last=torch.tensor([len(r) - 1 for r in clean], dtype=torch.long),
+        last=last_token_index(mask),
         answer_ids=torch.tensor([_single_token(tokenizer, p.answer) for p in prompts], dtype=torch.long),
         wrong_ids=torch.tensor([_single_token(tokenizer, p.wrong) for p in prompts], dtype=torch.long),
     )
@@ -351,10 +347,12 @@ def repeated_token_ids(
 class TaggedSentence:
     """A grammar sentence with one label of each kind per word.
 
-    ``pos``: UPOS tag (:data:`UPOS_TAGS`). ``roles``: ``"SUBJ"`` for every word inside the main clause's
-    subject noun phrase (modifiers included), ``"OBJ"`` inside its direct-object noun phrase, ``"OTHER"``
-    elsewhere (verb, adverbs, prepositional phrases of the verb, punctuation). ``depths``: how many phrases
-    (NP, VP, PP, relative clause) enclose the word; the final full stop is at depth 0.
+    pos: UPOS tag (:data:`UPOS_TAGS`).
+    roles: ``"SUBJ"`` for every word inside the main clause's subject noun phrase (modifiers included),
+        ``"OBJ"`` inside its direct-object noun phrase, ``"OTHER"`` elsewhere (verb, adverbs, prepositional
+        phrases of the verb, punctuation).
+    depths: how many phrases (NP, VP, PP, relative clause) enclose the word; the final full stop is at
+        depth 0.
     Words map one-to-one to tokens of the word-level tokenizer; :attr:`text` attaches the punctuation.
     """
 

@@ -130,9 +130,11 @@ def cross_lingual_probes(
 ) -> CrossLingualProbes:
     """Harvest every language, train its probes, and test every language's probes on every language.
 
-    ``datasets``: ``{language: TokenLabelledDataset}`` labelled by the same column (e.g. ``read_conllu(path,
-    "upos")`` per treebank); ``folder``: one harvest subfolder per language; ``hooks``: as ``harvest``'s
-    (default: the residual stream after 0..n_layers layers); ``probe_kwargs`` go to ``train_probes``."""
+    datasets: ``{language: TokenLabelledDataset}`` labelled by the same column (e.g.
+        ``read_conllu(path, "upos")`` per treebank).
+    folder: one harvest subfolder per language.
+    hooks: as ``harvest``'s (default: the residual stream after 0..n_layers layers).
+    probe_kwargs: go to ``train_probes``."""
     if len(datasets) < 2:
         raise ValueError("Cross-lingual probing needs at least two languages' datasets.")
     unified = unify_labels(datasets)

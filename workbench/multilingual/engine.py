@@ -8,7 +8,7 @@ import torch
 
 from workbench.names import act_name, resid_labels, resid_names
 
-__all__ = ["act_name", "batches", "ln_final", "resid_labels", "resid_names", "tokenize", "unembed"]
+__all__ = ["act_name", "ln_final", "resid_labels", "resid_names", "tokenize", "unembed"]
 
 
 def ln_final(model, resid: torch.Tensor) -> torch.Tensor:
@@ -23,12 +23,5 @@ def unembed(model, normed: torch.Tensor) -> torch.Tensor:
 
 def tokenize(model, texts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
     """Right-padded ``(tokens [b, pos], mask [b, pos])`` with BOS first (the engine's padding rule), so
-    that each text's last token is at ``mask.sum(1) - 1``."""
+    that each text's last token is at ``workbench.inputs.last_token_index(mask)``."""
     return model.tokenize(list(texts), padding_side="right")
-
-
-def batches(n: int, batch_size: int) -> list[range]:
-    """Index ranges covering ``n`` items ``batch_size`` at a time."""
-    if not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"batch_size must be a positive integer, not {batch_size!r}.")
-    return [range(s, min(n, s + batch_size)) for s in range(0, n, batch_size)]

@@ -42,7 +42,7 @@ def texts_of(corpus: Corpus) -> tuple[list[str], int]:
 def fertility_table(tokenizer_or_model, corpora: Mapping[str, Corpus]) -> pd.DataFrame:
     """One row per language: sentences, words, characters, tokens, ``tokens_per_word``, ``tokens_per_char``.
 
-    ``tokenizer_or_model``: a transformers tokenizer or a model with a ``.tokenizer``."""
+    tokenizer_or_model: a transformers tokenizer or a model with a ``.tokenizer``."""
     tokenizer = getattr(tokenizer_or_model, "tokenizer", tokenizer_or_model)
     if not corpora:
         raise ValueError("Give at least one language: {'en': texts, 'de': 'de.conllu', ...}.")

@@ -25,7 +25,8 @@ import torch
 from tqdm.auto import tqdm
 
 from workbench.data.multilingual import PIVOT, TranslationPrompt
-from workbench.multilingual.engine import batches, ln_final, resid_labels, resid_names, tokenize, unembed
+from workbench.inputs import batches, last_token_index
+from workbench.multilingual.engine import ln_final, resid_labels, resid_names, tokenize, unembed
 
 __all__ = ["ROLES", "LatentLens", "answer_token", "bootstrap_interval", "latent_language_lens", "lens_rows"]
 
@@ -173,9 +174,9 @@ def latent_language_lens(
     names, labels = resid_names(n_layers), resid_labels(n_layers)
     ids = {role: [answer_token(model.tokenizer, it[role]) for it in items] for role in ROLES}
     rows = []
-    for chunk in tqdm(batches(len(items), batch_size), desc="latent lens", disable=not progress):
+    for chunk in tqdm(batches(range(len(items)), batch_size), desc="latent lens", disable=not progress):
         tokens, mask = tokenize(model, [items[i]["prompt"] for i in chunk])
-        last = mask.sum(1) - 1
+        last = last_token_index(mask)
         with torch.no_grad():
             _, cache = model.run_with_cache(tokens, attention_mask=mask, names_filter=names, return_type=None)
             for stream, name in enumerate(names):

@@ -35,7 +35,8 @@ import plotly.graph_objects as go
 import torch
 from tqdm.auto import tqdm
 
-from workbench.multilingual.engine import act_name, batches, tokenize
+from workbench.inputs import batches
+from workbench.multilingual.engine import act_name, tokenize
 from workbench.xielu import REGIMES, classify_regimes, curve_table
 
 __all__ = [
@@ -209,8 +210,9 @@ def language_activation(
 ) -> LanguageActivation:
     """Count, per language, how often each xIELU neuron's pre-activation falls in each regime.
 
-    ``texts``: ``{language: [text, ...]}``. One forward per batch with hooks on ``mlp.hook_pre``, stopped
-    after the last layer counted; memory is one batch's activations."""
+    texts: ``{language: [text, ...]}``.
+    One forward per batch with hooks on ``mlp.hook_pre``, stopped after the last layer counted; memory is one
+    batch's activations."""
     if not texts:
         raise ValueError("Give at least one language: texts={'en': [...], ...}.")
     layers = list(range(model.cfg.n_layers)) if layers is None else [model.check_layer(la) for la in layers]
@@ -224,8 +226,8 @@ def language_activation(
         if not items:
             raise ValueError(f"Language {language!r} has no texts.")
         n_tokens[language] = 0
-        for chunk in tqdm(batches(len(items), batch_size), desc=f"neurons {language}", disable=not progress):
-            tokens, mask = tokenize(model, [items[i] for i in chunk])
+        for batch in tqdm(batches(items, batch_size), desc=f"neurons {language}", disable=not progress):
+            tokens, mask = tokenize(model, batch)
             valid = mask.bool()
             if model.tokenizer.bos_token_id is not None:
                 valid[:, 0] = False  # BOS is the same in every language: it says nothing about language
@@ -264,8 +266,8 @@ def language_losses(
     for language, items in texts.items():
         items = list(items)
         total, count = 0.0, 0
-        for chunk in batches(len(items), batch_size):
-            tokens, mask = tokenize(model, [items[i] for i in chunk])
+        for batch in batches(items, batch_size):
+            tokens, mask = tokenize(model, batch)
             with torch.no_grad():
                 logits = model.run_with_hooks(tokens, attention_mask=mask, fwd_hooks=list(fwd_hooks))
             logprobs = logits[:, :-1].float().log_softmax(-1)

@@ -8,6 +8,7 @@ from typing import Any
 import torch
 
 from workbench.hooked_model import HookedApertus
+from workbench.inputs import last_token_index
 from workbench.patching.components import Prompts
 
 
@@ -46,7 +47,7 @@ def last_positions(tokens: torch.Tensor, mask: torch.Tensor | None) -> torch.Ten
     n, n_pos = tokens.shape
     if mask is None:
         return torch.full((n,), n_pos - 1, dtype=torch.long, device=tokens.device)
-    return (torch.arange(n_pos, device=tokens.device) * mask).argmax(-1)
+    return last_token_index(mask)
 
 
 def str_tokens(model: HookedApertus, ids: torch.Tensor) -> list[str]:

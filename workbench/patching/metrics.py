@@ -7,6 +7,7 @@ from typing import Any
 
 import torch
 
+from workbench.inputs import batches
 from workbench.patching.components import METRICS, Metric
 from workbench.patching.inputs import PromptPairs
 from workbench.patching.runs import ReferenceRuns
@@ -45,8 +46,8 @@ def per_pair_values(metric: Metric, logits: torch.Tensor, full: bool, runs: Refe
     b = pairs.n_prompts
     if callable(metric):
         values = []
-        for start in range(0, logits.shape[0], b):
-            value = metric_value(metric(logits[start : start + b]))
+        for variant in batches(logits, b):
+            value = metric_value(metric(variant))
             if value.ndim > 1 or (value.ndim == 1 and value.shape[0] != b):
                 raise ValueError(
                     f"The metric returned shape {tuple(value.shape)}: return a scalar or one value per "

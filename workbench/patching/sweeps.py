@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from workbench.hooked_model import HookedApertus
+from workbench.inputs import batches
 from workbench.patching.components import Cell, Component
 
 
@@ -79,7 +80,7 @@ def plan_chunks(spec: Component, cells: list[Cell], todo: list[int], padded: boo
         groups = [[i for i in todo if cells[i][at] == p] for p in sorted({cells[i][at] for i in todo})]
     else:
         groups = [todo]
-    return [g[i : i + per_chunk] for g in groups for i in range(0, len(g), per_chunk)]
+    return [chunk for g in groups for chunk in batches(g, per_chunk)]
 
 
 def check_size(what: str, value, unit: str) -> None:

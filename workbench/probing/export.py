@@ -47,6 +47,7 @@ from transformers.utils import logging as hf_logging
 
 from workbench.data.alignment import IGNORE, EncodedDataset, TokenLabelledDataset
 from workbench.identity import model_identity, tensors_digest
+from workbench.inputs import batches
 from workbench.probing.harvest import is_residual_hook
 from workbench.probing.probes import ProbeResult, confusion_frame, scores
 
@@ -72,10 +73,10 @@ def export_probe(
     different, see :mod:`workbench.identity`) is refused. By default the folder gets config.json (the
     tagger's config: ``num_hidden_layers = l``, ``id2label``/``label2id``, ``probe_base_checkpoint``),
     probe.safetensors (head and unit norm) and probe.json (where the probe came from, its test scores, the
-    files written); load it with ``load_probe_tagger(folder)``. ``base``: the checkpoint the tagger is built
-    on (default: the folder or hub id ``model`` was loaded from). ``standalone=True``: a full checkpoint
-    (model.safetensors with the kept layers, the tokenizer) that
-    ``ApertusForTokenClassification.from_pretrained(folder)`` loads alone.
+    files written); load it with ``load_probe_tagger(folder)``.
+    base: the checkpoint the tagger is built on (default: the folder or hub id ``model`` was loaded from).
+    standalone: True writes a full checkpoint (model.safetensors with the kept layers, the tokenizer) that
+        ``ApertusForTokenClassification.from_pretrained(folder)`` loads alone.
     """
     i = result.index(layer)
     hook, n_layers = result.hooks[i], result.layers[i]
@@ -361,8 +362,8 @@ def evaluate(
     rows = []
     bar = tqdm(total=len(data), desc="evaluate", unit="sent", disable=not progress)
     with torch.inference_mode():
-        for start in range(0, len(data), batch_size):
-            indices = list(range(start, min(start + batch_size, len(data))))
+        for chunk in batches(range(len(data)), batch_size):
+            indices = list(chunk)
             batch = data.batch(indices)
             probs = (
                 model(batch["input_ids"], attention_mask=batch["attention_mask"]).float().softmax(-1).cpu()

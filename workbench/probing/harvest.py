@@ -29,6 +29,7 @@ from tqdm.auto import tqdm
 from workbench import executors
 from workbench.data.alignment import IGNORE, EncodedDataset, TokenLabelledDataset
 from workbench.identity import model_identity
+from workbench.inputs import batches
 from workbench.probing.storage import LocalFolder, UrlFolder, open_folder
 
 __all__ = [
@@ -246,14 +247,7 @@ class Harvest:
             raise RuntimeError(
                 f"The harvest in {self.folder} has no shard yet: call harvest(...) to write one."
             )
-        shard = self.manifest["shards"][0]
-        with safe_open(_inside(self.folder, shard["file"]), framework="pt") as reader:
-            if key not in reader.keys():  # noqa: SIM118 (safe_open has no __contains__)
-                raise CorruptHarvestError(
-                    f"Shard {shard['file']} of the harvest in {self.folder} has no {key!r}: "
-                    f"{_fix(self.folder)}."
-                )
-            return tuple(reader.get_slice(key).get_shape()[1:])
+        return tuple(self.shard_shape(0, key)[1:])
 
     def shard_tensors(self, key: str, *, verify: bool = True) -> Iterator[torch.Tensor]:
         """One harvested tensor (a hook or a column), shard by shard: memory for one shard's piece at a time.
@@ -478,8 +472,8 @@ def _harvest_shard(
         key: torch.empty(n_labelled, dtype=torch.long) for key in ("labels", "types", "sentence", "position")
     }
     with torch.inference_mode(), model.hooks(fwd_hooks=[(name, keep) for name in hooks]):
-        for start in range(sentences.start, sentences.stop, batch_size):
-            indices = list(range(start, min(start + batch_size, sentences.stop)))
+        for chunk in batches(sentences, batch_size):
+            indices = list(chunk)
             batch = data.batch(indices)
             mask = batch["labels"] != IGNORE
             rows, cols = mask.nonzero(as_tuple=True)

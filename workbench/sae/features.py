@@ -24,6 +24,7 @@ import plotly.graph_objects as go
 import torch
 from tqdm.auto import tqdm
 
+from workbench.inputs import batches
 from workbench.sae.metrics import encode_prompts, replaced_positions
 from workbench.sae.model import SparseAutoencoder
 from workbench.sae.splice import check_feature
@@ -144,8 +145,8 @@ def feature_statistics(
     def keep(activation, hook):
         captured["x"] = activation
 
-    for start in tqdm(range(0, len(tokens), batch_size), desc="feature statistics", disable=not progress):
-        tok, msk = tokens[start : start + batch_size], mask[start : start + batch_size]
+    pairs = list(zip(batches(tokens, batch_size), batches(mask, batch_size)))
+    for tok, msk in tqdm(pairs, desc="feature statistics", disable=not progress):
         with torch.no_grad():
             model.run_with_hooks(
                 tok.to(model.cfg.device),

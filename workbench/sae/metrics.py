@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from workbench import inputs
 from workbench.sae.model import SparseAutoencoder
 
 __all__ = ["encode_prompts", "evaluate_saes", "replaced_positions"]
@@ -87,7 +88,7 @@ def evaluate_saes(
     targets_ok = torch.cat([mask[:, 1:].bool(), torch.zeros_like(mask[:, :1], dtype=torch.bool)], 1)
     where_all = replaced_positions(mask, skip_bos)
     scored_all = where_all & targets_ok
-    batches = [slice(s, s + batch_size) for s in range(0, len(tokens), batch_size)]
+    batches = [slice(r.start, r.stop) for r in inputs.batches(range(len(tokens)), batch_size)]
     rows = []
     bar = tqdm(total=len(saes) * len(batches) * 2, desc="evaluate SAEs", disable=not progress)
     for sae in saes:
