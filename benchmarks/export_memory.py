@@ -2,7 +2,9 @@
 
 A random Apertus (8 layers, d_model 768, d_mlp 3072, float32; ~0.3 GB) is saved once; each measurement runs
 in a fresh process: load it, harvest a few tagged-grammar sentences, train the probes briefly, then export
-the probe of the last layer (every layer kept) while a thread samples the process's RSS every millisecond.
+the probe of the last layer (every layer kept), with the kernel's peak-RSS counter (VmHWM) reset just before
+(glibc's mmap threshold fixed at 64 kB and the heap trimmed first: otherwise the export reuses memory freed
+by loading and training, and its rise does not show).
 Reported: (peak RSS during the export - RSS before it) / (bytes of the written model.safetensors). Target:
 well under 1x (no second copy of the kept layers). With ``--compare PATH`` the same export is also run by the
 checkout at PATH (e.g. /work/main) for the "before" figure.
@@ -25,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import machine, write_json  # noqa: E402
 
 CHILD = """
-import json, sys, threading, time, psutil, torch, workbench
+import ctypes, json, sys, time, psutil, torch, workbench
 from pathlib import Path
 from workbench.data.alignment import TokenLabelledDataset
 from workbench.data.corpus import tagged_sentences
@@ -36,19 +38,17 @@ data = TokenLabelledDataset.from_tagged(tagged_sentences(40, seed=1), "pos")
 hooks = [f"blocks.{model.cfg.n_layers - 1}.hook_resid_post"]
 probes = train_probes(harvest(model, data, work / "harvest", hooks=hooks, progress=False), max_steps=5,
                       progress=False)
-process, peak, running = psutil.Process(), [0], [True]
-def sample():
-    while running[0]:
-        peak[0] = max(peak[0], process.memory_info().rss)
-        time.sleep(0.001)
-before = process.memory_info().rss
-thread = threading.Thread(target=sample)
-thread.start()
+def high_water():  # VmHWM: the peak RSS since the last reset, in bytes
+    line = next(l for l in open("/proc/self/status") if l.startswith("VmHWM"))
+    return int(line.split()[1]) * 1024
+ctypes.CDLL("libc.so.6").malloc_trim(0)  # hand freed heap back, so that reused memory shows as a rise
+with open("/proc/self/clear_refs", "w") as f:
+    f.write("5")  # reset the peak to the current RSS
+before = psutil.Process().memory_info().rss
 start = time.perf_counter()
 folder = export_probe(probes, model.cfg.n_layers, work / "tagger", model, standalone=True)
 seconds = time.perf_counter() - start
-running[0] = False
-thread.join()
+peak = [high_water()]
 size = (folder / "model.safetensors").stat().st_size
 print(json.dumps({"file_mb": size / 2**20, "extra_mb": (peak[0] - before) / 2**20,
                   "ratio": (peak[0] - before) / size, "seconds": seconds}))
@@ -56,7 +56,13 @@ print(json.dumps({"file_mb": size / 2**20, "extra_mb": (peak[0] - before) / 2**2
 
 
 def measure(checkout: Path, model: Path, work: Path) -> dict:
-    env = {**os.environ, "PYTHONPATH": str(checkout), "OMP_NUM_THREADS": "1"}
+    # A fixed mmap threshold: freed tensors go back to the system, so RSS counts what the export allocates.
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(checkout),
+        "OMP_NUM_THREADS": "1",
+        "MALLOC_MMAP_THRESHOLD_": "65536",
+    }
     out = subprocess.run(
         [sys.executable, "-c", CHILD, str(model), str(work)], env=env, capture_output=True, text=True
     )
