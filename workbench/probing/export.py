@@ -16,7 +16,8 @@ By default the export does not copy the model: ``probe.safetensors`` holds the h
 kB), ``config.json`` is the tagger's config naming the base checkpoint and layer, and
 :func:`load_probe_tagger` builds the tagger from the base checkpoint (``from_pretrained`` with
 ``num_hidden_layers`` cut) with the head on top, after checking that the base still holds the weights the
-probe was trained on. ``standalone=True`` writes a self-contained checkpoint instead (the kept layers copied).
+probe was trained on. ``standalone=True`` writes a self-contained checkpoint instead (the kept layers copied
+to disk, straight from the model's tensors: no second copy in memory).
 
 Writing is atomic: the checkpoint is written beside the target under a temporary name and swapped in with
 renames, so a failure leaves the previous checkpoint whole; overwriting deletes only files a previous export
@@ -120,9 +121,7 @@ def export_probe(
     try:
         tmp.mkdir(parents=True)
         if standalone:
-            classifier = ApertusForTokenClassification(config).eval()
-            classifier.load_state_dict({**kept, **head}, strict=True)
-            classifier.to(dtype).save_pretrained(tmp)
+            _write_standalone(tmp, config, {**kept, **head}, dtype)
             model.tokenizer.save_pretrained(tmp)
         else:
             config.probe_base_checkpoint = base
@@ -192,6 +191,32 @@ def load_probe_tagger(folder: str | Path, *, base: str | Path | None = None, **h
         for key, value in head.items():
             tagger.get_parameter(key).copy_(value)
     return tagger.eval()
+
+
+def _write_standalone(
+    folder: Path, config: Any, tensors: dict[str, torch.Tensor], dtype: torch.dtype
+) -> None:
+    """config.json and model.safetensors, written from the model's own tensors.
+
+    Building the classifier and saving it would hold a second full copy of the kept layers (plus their random
+    initialisation); safetensors writes each tensor from its own memory, so nothing is copied but tensors of
+    another dtype (usually none: the model is loaded in one dtype) and the new head. The names and shapes are
+    checked against the classifier built on the meta device (no memory), as ``load_state_dict(strict=True)``
+    would.
+    """
+    with torch.device("meta"):
+        expected = {k: tuple(v.shape) for k, v in ApertusForTokenClassification(config).state_dict().items()}
+    given = {k: tuple(v.shape) for k, v in tensors.items()}
+    if given != expected:
+        missing, unexpected = sorted(set(expected) - set(given)), sorted(set(given) - set(expected))
+        wrong = sorted(k for k in set(given) & set(expected) if given[k] != expected[k])
+        raise RuntimeError(
+            f"The tagger's weights do not match ApertusForTokenClassification: missing {missing}, unexpected "
+            f"{unexpected}, wrong shape {wrong}. Please report this with the model's config."
+        )
+    config.save_pretrained(folder)
+    tensors = {k: v.detach().to(dtype).contiguous() for k, v in tensors.items()}  # no copy when already so
+    save_file(tensors, str(folder / "model.safetensors"), metadata={"format": "pt"})
 
 
 def _tagger_config(source_config: Any, result: ProbeResult, n_layers: int, dtype: torch.dtype) -> Any:

@@ -43,6 +43,7 @@ from workbench.attention import (
     window_figure,
 )
 from workbench.hooked_model import HookedApertus
+from workbench.widgets.controls import Choice, IntSlider, Switch, TextArea
 from workbench.widgets.tokens import colored_tokens_html
 
 DEFAULT_MEMORY_BUDGET = 2 * 2**30  # cached queries and keys across prompts (one prompt is always kept)
@@ -90,33 +91,50 @@ class AttentionExplorer:
         self._grid_shows: tuple | None = None  # the view key the head grid is drawn for
         cfg = model.cfg
 
-        self.prompt_box = widgets.Textarea(
+        self.prompt_box = TextArea(
+            what="prompt_box",
             value=prompt if isinstance(prompt, str) else "",
             placeholder="Type a prompt, then press Run",
             layout=widgets.Layout(width="100%", height="4em"),
         )
         self.run_button = widgets.Button(description="Run", button_style="primary", icon="play")
-        self.layer = widgets.Dropdown(
+        self.layer = Choice(
+            what="layer",
             options=[(f"layer {i}", i) for i in range(cfg.n_layers)],
             value=model.check_layer(_as_int(layer)),
             description="layer",
             layout=widgets.Layout(width="160px"),
         )
-        self.head = widgets.Dropdown(
+        self.head = Choice(
+            what="head",
             options=[(f"head {h}", h) for h in range(cfg.n_heads)],
             value=model.check_head(_as_int(head)),
             description="head",
             layout=widgets.Layout(width="160px"),
         )
         slider = {"value": 0, "min": 0, "max": 0, "continuous_update": False}
-        self.window = widgets.IntSlider(
-            description="from query", layout=widgets.Layout(width="420px"), **slider
+        self.window = IntSlider(
+            what="window",
+            hint=" (the first query position shown, up to the prompt's length - window_size)",
+            description="from query",
+            layout=widgets.Layout(width="420px"),
+            **slider,
         )
-        self.key_window = widgets.IntSlider(
-            description="from key", layout=widgets.Layout(width="420px"), **slider
+        self.key_window = IntSlider(
+            what="key_window",
+            hint=" (the first key position shown, up to the prompt's length - window_size)",
+            description="from key",
+            layout=widgets.Layout(width="420px"),
+            **slider,
         )
-        self.follow = widgets.Checkbox(value=True, description="keys follow queries", indent=False)
-        self.token = widgets.Dropdown(options=[], description="token", layout=widgets.Layout(width="220px"))
+        self.follow = Switch(what="follow", value=True, description="keys follow queries", indent=False)
+        self.token = Choice(
+            what="token",
+            hint=" (the query positions on screen: move the window to reach others)",
+            options=[],
+            description="token",
+            layout=widgets.Layout(width="220px"),
+        )
         self.kv_label = widgets.HTML()
         self.status = widgets.HTML()
         self.attends_to = widgets.HTML()
@@ -218,8 +236,15 @@ class AttentionExplorer:
         self._refresh()
 
     def show_keys(self, start: int) -> None:
-        """Draw the key window from position `start` on, independently of the query window."""
-        self.key_window.value = start  # the slider clamps to the prompt
+        """Draw the key window from position `start` on, independently of the query window.
+
+        `start` is any position of the prompt; one in the last `window_size` positions draws the last window
+        (which holds it). Setting `key_window.value` directly accepts only the window starts the slider has.
+        """
+        start, n = _as_int(start), self.attention.n_tokens
+        if not isinstance(start, int) or not 0 <= start < n:
+            raise IndexError(f"key position {start!r} is outside the prompt: choose one in 0..{n - 1}.")
+        self.key_window.value = min(start, self.key_window.max)
 
     @property
     def attention(self) -> PromptAttention:
@@ -502,10 +527,15 @@ class HeadSummary:
         self.model = model
         self.explorer = explorer
         self.scores = head_scores(model, input) if scores is None else scores
-        self.score = widgets.Dropdown(
-            options=[(SCORE_TITLES[s], s) for s in SCORES], value=score, description="score"
+        self.score = Choice(
+            what="score", options=[(SCORE_TITLES[s], s) for s in SCORES], value=score, description="score"
         )
-        self.head = widgets.Dropdown(description="head", layout=widgets.Layout(width="260px"))
+        self.head = Choice(
+            what="head",
+            hint=" ((layer, head) pairs, ranked by the score)",
+            description="head",
+            layout=widgets.Layout(width="260px"),
+        )
         self.open_button = widgets.Button(
             description="open in explorer", icon="search", disabled=explorer is None
         )

@@ -10,6 +10,7 @@ import plotly.graph_objects as go
 
 from workbench import figures
 from workbench.circuits import Circuit, EdgeResult, Graph
+from workbench.widgets.controls import Choices, IntSlider
 
 KINDS = ("q", "k", "v", "mlp", "logits")
 
@@ -17,11 +18,20 @@ KINDS = ("q", "k", "v", "mlp", "logits")
 class CircuitView:
     """A slider for the number of top edges, toggles for the input kinds, and the circuit's graph view."""
 
-    def __init__(self, result: EdgeResult, graph: Graph, count: int = 20) -> None:
+    def __init__(self, result: EdgeResult, graph: Graph, count: int | None = None) -> None:
+        """count: the number of top edges shown first (1..the result's edges; by default 20, or all when
+        there are fewer). A count outside that range is refused with the range, not clamped."""
         self.result, self.graph = result, graph
         n = len(result.rows)
-        self.count = widgets.IntSlider(value=min(count, n), min=1, max=n, description="top edges")
-        self.inputs = widgets.SelectMultiple(options=KINDS, value=KINDS, description="inputs", rows=5)
+        self.count = IntSlider(
+            what="count",
+            hint=f" (the result has {n} edges)",
+            value=min(20, n) if count is None else count,
+            min=1,
+            max=n,
+            description="top edges",
+        )
+        self.inputs = Choices(what="inputs", options=KINDS, value=KINDS, description="inputs", rows=5)
         self.figure = figures.FigureView()  # plotly mime type: the saved notebook keeps no plotly.js
         self.table = widgets.HTML()
         self.count.observe(lambda _: self.refresh(), "value")

@@ -18,6 +18,7 @@ from workbench.lens import (
     target_trajectory,
     trajectory_figure,
 )
+from workbench.widgets.controls import TextArea, TextBox
 
 
 class LensExplorer:
@@ -30,9 +31,16 @@ class LensExplorer:
         self, model: HookedApertus, prompt: str = "", *, answer: str = "", wrong: str = "", k: int = 5
     ):
         self.model, self.k = model, k
-        self.prompt_box = widgets.Textarea(value=prompt, layout=widgets.Layout(width="100%", height="3.5em"))
-        self.answer_box = widgets.Text(value=answer, description="answer")
-        self.wrong_box = widgets.Text(value=wrong, description="vs")
+        self.prompt_box = TextArea(
+            what="prompt_box", value=prompt, layout=widgets.Layout(width="100%", height="3.5em")
+        )
+        # Boxes take any text (they sync at every keystroke): run() checks the tokens and reports in status.
+        self.answer_box = TextBox(
+            what="answer_box", hint=" (one token, e.g. ' Paris')", value=answer, description="answer"
+        )
+        self.wrong_box = TextBox(
+            what="wrong_box", hint=" (one token, or '' for none)", value=wrong, description="vs"
+        )
         self.run_button = widgets.Button(description="Run", button_style="primary", icon="play")
         self.status = widgets.HTML()
         self.lens = figures.FigureView()

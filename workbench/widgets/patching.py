@@ -19,6 +19,7 @@ import torch
 
 from workbench import figures
 from workbench.patching import COMPONENTS, PatchingExperiment, PatchResult
+from workbench.widgets.controls import Choice, ChoiceButtons
 from workbench.widgets.tokens import colored_tokens_html
 
 MAX_CELLS = 200
@@ -53,18 +54,26 @@ class PatchingView(widgets.VBox):
         self.selected: tuple[int, ...] | None = None
         self.predictions: pd.DataFrame | None = None
 
-        self.component = widgets.Dropdown(options=list(COMPONENTS), value=component, description="component")
-        self.metric = widgets.Dropdown(options=builtin + list(self._custom), description="metric")
-        self.direction = widgets.ToggleButtons(
+        self.component = Choice(
+            what="component", options=list(COMPONENTS), value=component, description="component"
+        )
+        self.metric = Choice(what="metric", options=builtin + list(self._custom), description="metric")
+        self.direction = ChoiceButtons(
+            what="direction",
             options=[("denoise: clean into corrupted", "denoise"), ("noise: corrupted into clean", "noise")],
             value="denoise",
         )
-        self.method = widgets.ToggleButtons(options=["exact", "attribution"], value="exact")
+        self.method = ChoiceButtons(what="method", options=["exact", "attribution"], value="exact")
         n_layers = experiment.model.cfg.n_layers
-        self.layer = widgets.Dropdown(options=list(range(n_layers)), value=0, description="neuron layer")
+        self.layer = Choice(what="layer", options=list(range(n_layers)), value=0, description="neuron layer")
         self.status = widgets.HTML()
         self.figure = figures.FigureView()
-        self.cell = widgets.Dropdown(description="cell", layout=widgets.Layout(width="420px"))
+        self.cell = Choice(
+            what="cell",
+            hint=" (the strongest cells; view.select(cell) takes any cell of the result)",
+            description="cell",
+            layout=widgets.Layout(width="420px"),
+        )
         self.cell.observe(self._cell_chosen, names="value")
         self.prompt_view = widgets.HTML()
         self.table = widgets.HTML()

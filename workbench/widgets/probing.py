@@ -126,6 +126,7 @@ class ProbeView:
             result.index(layer) if layer is not None else int(result.table["accuracy"].to_numpy().argmax())
         )
         self.layer = Choice(
+            what="layer",
             options=[(f"layer {lay}  ({hook})", hook) for lay, hook in zip(result.layers, result.hooks)],
             value=result.hooks[start],
             description="probe",

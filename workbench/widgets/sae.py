@@ -16,12 +16,13 @@ import ipywidgets as widgets
 
 from workbench import figures
 from workbench.sae import FeatureStatistics, SparseAutoencoder, feature_output_tokens, nearest_features
+from workbench.widgets.controls import IndexText
 from workbench.widgets.tokens import colored_tokens_html
 
 
 class FeatureView:
-    """Control: ``feature`` (BoundedIntText). ``histogram`` (a figures.FigureView), ``panel`` (HTML).
-    Display ``view.widget``."""
+    """Control: ``feature`` (an ``IndexText``: a feature outside 0..d_sae-1 is refused with the range).
+    ``histogram`` (a figures.FigureView), ``panel`` (HTML). Display ``view.widget``."""
 
     def __init__(
         self,
@@ -33,10 +34,10 @@ class FeatureView:
         examples: int = 5,
     ) -> None:
         self.model, self.sae, self.stats, self.n_examples = model, sae, stats, examples
-        self.feature = widgets.BoundedIntText(
+        self.feature = IndexText(
+            sae.cfg.d_sae,
+            what="feature",
             value=feature,
-            min=0,
-            max=sae.cfg.d_sae - 1,
             description="feature",
             layout=widgets.Layout(width="180px"),
         )
@@ -52,9 +53,7 @@ class FeatureView:
 
     def show(self, feature: int) -> None:
         """Select a feature, as if typed in the control."""
-        if not 0 <= feature < self.sae.cfg.d_sae:
-            raise IndexError(f"feature {feature} is out of range (0..{self.sae.cfg.d_sae - 1}).")
-        self.feature.value = feature
+        self.feature.value = feature  # the control refuses a feature out of range, naming the range
 
     def _refresh(self) -> None:
         f = self.feature.value

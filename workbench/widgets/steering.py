@@ -15,6 +15,7 @@ import torch
 from workbench import figures
 from workbench.interventions import Steer, SteeringVector, contrastive_vector
 from workbench.token_text import escape_label
+from workbench.widgets.controls import Choice, FloatSlider, TextBox
 
 Source = SteeringVector | tuple[Sequence[str], Sequence[str]]
 
@@ -55,12 +56,18 @@ class SteeringView(widgets.VBox):
         self.token_ids = [model.to_single_token(t) for t in tokens]
         self.tokens, self.coefficients = tuple(tokens), [float(c) for c in coefficients]
         self._vectors: dict[tuple[str, int], torch.Tensor] = {}
-        self.prompt = widgets.Text(value=prompt, description="prompt", layout={"width": "100%"})
-        self.layer = widgets.Dropdown(options=list(range(model.cfg.n_layers)), value=model.check_layer(layer),
-                                      description="layer")  # fmt: skip
-        self.source = widgets.Dropdown(options=list(self.sources), description="vector")
+        self.prompt = TextBox(what="prompt", value=prompt, description="prompt", layout={"width": "100%"})
+        self.layer = Choice(
+            what="layer",
+            options=list(range(model.cfg.n_layers)),
+            value=model.check_layer(layer),
+            description="layer",
+        )
+        self.source = Choice(what="source", options=list(self.sources), description="vector")
         lo, hi = min(self.coefficients), max(self.coefficients)
-        self.coefficient = widgets.FloatSlider(
+        self.coefficient = FloatSlider(
+            what="coefficient",
+            hint=" (the range of the coefficients swept)",
             value=coefficient,
             min=lo,
             max=hi,

@@ -44,6 +44,8 @@ class XIELUExplorer:
         if isinstance(neuron, bool) or not isinstance(neuron, int) or not 0 <= neuron < model.cfg.d_mlp:
             raise IndexError(f"neuron {neuron!r} is out of range (0..{model.cfg.d_mlp - 1}).")
         self.layer = Choice(
+            what="layer",
+            hint=" (the layers these statistics gathered)",
             options=[(f"layer {la}", la) for la in stats.layers],
             value=layer,
             description="layer",
@@ -57,7 +59,9 @@ class XIELUExplorer:
             layout=widgets.Layout(width="180px"),
         )
         self.share_kind = ChoiceButtons(
-            options=[("of activations", "activations"), ("of MLP output", "output")], value="activations"
+            what="share_kind",
+            options=[("of activations", "activations"), ("of MLP output", "output")],
+            value="activations",
         )
         self.layer.add_class("wb-layer")
         self.neuron.add_class("wb-neuron")
