@@ -148,9 +148,23 @@ class Lab:
             name,
         )
         self.page.locator(".jp-NotebookPanel .jp-Notebook .jp-Cell").first.wait_for(timeout=timeout_s * 1000)
+        # Found among the main area's widgets by path: `currentWidget` is null while nothing has the focus.
         self.page.wait_for_function(
-            "() => window.jupyterapp.shell.currentWidget.sessionContext.isReady", timeout=timeout_s * 1000
+            """(name) => Array.from(window.jupyterapp.shell.widgets('main')).some((w) =>
+                w.sessionContext && w.context && w.context.path.endsWith(name) && w.sessionContext.isReady
+            )""",
+            arg=name,
+            timeout=timeout_s * 1000,
         )
+        # The status bar shows the focused notebook's kernel: focus it, then wait for the item to be drawn.
+        self.page.evaluate(
+            """(name) => { const w = Array.from(window.jupyterapp.shell.widgets('main')).find((w) =>
+                w.context && w.context.path.endsWith(name)); window.jupyterapp.shell.activateById(w.id); }""",
+            name,
+        )
+        deadline = time.monotonic() + timeout_s
+        while not self.kernel_status() and time.monotonic() < deadline:
+            time.sleep(0.2)
 
     def kernel_status(self) -> str:
         """The status bar's kernel item, e.g. 'Python 3 (ipykernel) | Idle', 'No Kernel | Unknown'."""

@@ -20,11 +20,14 @@ from workbench.probing import harvest
 from workbench.xielu import xielu_statistics
 
 ray = pytest.importorskip("ray")
-# One local Ray cluster per test process: under `pytest -n 2 --dist loadgroup` these tests share one worker.
-pytestmark = pytest.mark.xdist_group("ray")
+# `make test` runs these in a pytest of their own after the parallel run: Ray's start-up (a fixed 30 s
+# wait for its raylet) fails on a 2-core machine whose cores another test worker keeps busy.
+pytestmark = pytest.mark.ray
 
 
-@pytest.fixture(scope="module")
+# Session-scoped: under xdist a worker may run other files' tests between these, and a module fixture would
+# then stop and restart Ray (a second start in one process is slow and often times out).
+@pytest.fixture(scope="session")
 def cluster():
     # A loaded 2-core machine can take over a minute to start Ray's agents; the default wait is shorter.
     os.environ.setdefault("RAY_agent_register_timeout_ms", "600000")
