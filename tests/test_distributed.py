@@ -25,13 +25,10 @@ ray = pytest.importorskip("ray")
 pytestmark = pytest.mark.ray
 
 
-# Session-scoped: under xdist a worker may run other files' tests between these, and a module fixture would
-# then stop and restart Ray (a second start in one process is slow and often times out).
+# Session-scoped: started once however pytest orders the tests (a second start in one process is slow and
+# often times out). Ray's own wait for its raylet is a fixed 30 s (ray/_private/node.py): no setting.
 @pytest.fixture(scope="session")
 def cluster():
-    # A loaded 2-core machine can take over a minute to start Ray's agents; the default wait is shorter.
-    os.environ.setdefault("RAY_agent_register_timeout_ms", "600000")
-    os.environ.setdefault("RAY_raylet_start_wait_time_s", "300")
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # a throwaway local cluster on the loopback
     try:
         ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, ignore_reinit_error=True)
