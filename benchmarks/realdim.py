@@ -16,6 +16,8 @@ the call (after loading, a warm-up forward, and handing freed memory back to the
     python benchmarks/realdim.py --batch 2 --pos 128 --lens-pos 128 --neurons 32   # a small CPU
     python benchmarks/realdim.py --layer-counts 2 --tools forward_prompt,logit_lens   # 2 layers only: no
                                                                     # per-layer figures, half the time
+    python benchmarks/realdim.py --dtype float32      # a CPU without bf16 matmuls (AVX512-BF16 or AMX): bf16
+                                                      # is emulated there, 20-100x slower than float32
 """
 
 from __future__ import annotations
@@ -151,7 +153,14 @@ def worker(args) -> None:
     import workbench
 
     torch.set_num_threads(args.threads)
-    model = workbench.load(build(args.folder), dtype=torch.bfloat16, num_hidden_layers=args.layers)
+    dtype = getattr(torch, args.dtype)
+    # the 1-layer model leaves the checkpoint's second layer unread: refused unless allowed
+    model = workbench.load(
+        build(args.folder),
+        dtype=dtype,
+        num_hidden_layers=args.layers,
+        allow_missing_weights=args.layers < LAYERS,
+    )
     trim = getattr(ctypes.CDLL("libc.so.6"), "malloc_trim", None)
     with torch.no_grad():
         model.hf_model(torch.tensor([[1, 5, 6, 7]]))  # warm-up: lazy allocations, kernels
@@ -172,7 +181,7 @@ def worker(args) -> None:
 def measure(layers: int, args) -> dict[str, dict]:
     """One worker process at `layers` layers; its rows are echoed as they come (the calls take minutes)."""
     command = [sys.executable, __file__, "--worker", "yes", "--layers", str(layers)]
-    for name in ("batch", "pos", "lens_pos", "neurons", "threads", "folder", "tools"):
+    for name in ("batch", "pos", "lens_pos", "neurons", "threads", "folder", "tools", "dtype"):
         command += [f"--{name.replace('_', '-')}", str(getattr(args, name))]
     rows = []
     with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) as worker:
@@ -217,6 +226,13 @@ def main() -> None:
         "--layer-counts", default="1,2", choices=("1,2", "2"), help="'2' skips the 1-layer run (no per layer)"
     )
     parser.add_argument("--folder", type=Path, default=FOLDER, help="the checkpoint (built if absent)")
+    parser.add_argument(
+        "--dtype",
+        default="bfloat16",
+        choices=("bfloat16", "float32"),
+        help="the dtype the bf16 checkpoint is loaded in: float32 on CPUs without bf16 matmuls (activations "
+        "then take twice the memory, so the memory figures are upper bounds for bf16)",
+    )
     parser.add_argument("--markdown", type=Path, help="print the README table of a results JSON and stop")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--layers", type=int, default=LAYERS, help=argparse.SUPPRESS)
@@ -238,14 +254,14 @@ def main() -> None:
     print_table(rows, args)
     print("\n" + markdown_table(rows))
     sizes = {"batch": args.batch, "pos": args.pos, "lens_pos": args.lens_pos, "neurons": args.neurons}
-    sizes["layer_counts"], sizes["threads"] = args.layer_counts, args.threads
+    sizes["layer_counts"], sizes["threads"], sizes["dtype"] = args.layer_counts, args.threads, args.dtype
     path = write_json("realdim", {"machine": machine(), "shape": SHAPE, "sizes": sizes, "tools": rows})
     print(f"wrote {path}")
 
 
 def print_table(rows: list[dict], args) -> None:
     print(
-        f"\nApertus-8B widths, bf16; statistics batch {args.batch} x {args.pos} tokens, "
+        f"\nApertus-8B widths, {args.dtype}; statistics batch {args.batch} x {args.pos} tokens, "
         f"prompt {args.lens_pos} tokens, {args.neurons} neurons patched\n"
     )
     head = (

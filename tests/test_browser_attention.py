@@ -15,7 +15,9 @@ def test_attention_notebook_runs_and_the_layer_control_redraws_the_heatmap(tmp_p
         lab.run_all()
 
         explorer = lab.page.locator(".wb-attention-explorer").first
-        heatmap = explorer.locator(".wb-pattern .js-plotly-plot").first
+        # The figures are the cell's own outputs below the controls: the pattern is the cell's first plot.
+        cell = lab.page.locator(".jp-CodeCell", has=explorer).first
+        heatmap = cell.locator(".jp-RenderedPlotly.js-plotly-plot").first
         cells = heatmap.locator("g.hm image").first  # plotly draws a heatmap's cells as one image
         cells.wait_for(timeout=60_000)
         heatmap.scroll_into_view_if_needed()

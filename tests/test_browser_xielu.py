@@ -14,7 +14,9 @@ def run_xielu_notebook_and_change_layer(lab) -> None:
     lab.run_all(timeout_s=180)
 
     explorer = lab.page.locator(".wb-xielu-explorer").first
-    plot = explorer.locator(".wb-xielu-curve .js-plotly-plot").first
+    # The figures are the cell's own outputs: the regime shares first, then the layer's curve.
+    cell = lab.page.locator(".jp-CodeCell", has=explorer).first
+    plot = cell.locator(".jp-RenderedPlotly.js-plotly-plot").nth(1)
     curve = plot.locator("g.scatterlayer path.js-line").first  # the learned curve's first regime
     curve.wait_for(timeout=60_000)
     plot.scroll_into_view_if_needed()
@@ -24,7 +26,7 @@ def run_xielu_notebook_and_change_layer(lab) -> None:
     path_before = curve.get_attribute("d")
     bars_before = plot.locator("g.barlayer path").count()
 
-    layer = explorer.locator(".wb-layer select")
+    layer = cell.locator(".wb-layer select")  # in the second box of controls, below the regime shares
     labels = layer.locator("option").all_inner_texts()  # ipywidgets writes "layer\xa00"
     options = {" ".join(label.split()): label for label in labels}
     assert len(options) > 1, labels

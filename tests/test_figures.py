@@ -52,6 +52,79 @@ def test_a_figure_view_stores_data_as_plotly_json_not_the_library():
     assert view.figure is fresh and len(view.outputs) == 1
 
 
+def test_a_slot_is_shown_with_a_display_id_and_redrawn_in_place(monkeypatch):
+    """What a view sends: one display_data per slot with its id, then updates to that id (never a new
+    output), and nothing at all before it is displayed."""
+    sent = []
+    monkeypatch.setattr(figures, "display", lambda *a, **k: sent.append(("display", a, k)))
+    monkeypatch.setattr(figures, "update_display", lambda *a, **k: sent.append(("update", a, k)))
+    view = figures.FigureView(figures.heatmap([[1.0]], title="first"))
+    view.show(figures.heatmap([[2.0]], title="second"))
+    assert sent == []  # not displayed yet: the first display will carry "second"
+    view.add_class("wb-pattern")
+    view._ipython_display_()
+    (kind, (bundle,), options) = sent[-1]
+    assert kind == "display" and options["display_id"] == view.display_id and options["raw"] is True
+    assert bundle[PLOTLY]["layout"]["title"]["text"] == "second"
+    assert options["metadata"] == {"workbench": {"classes": ["wb-pattern"]}}
+    view.show(figures.heatmap([[3.0]], title="third"))
+    (kind, (bundle,), options) = sent[-1]
+    assert kind == "update" and options["display_id"] == view.display_id
+    assert bundle[PLOTLY]["layout"]["title"]["text"] == "third"
+    # Plain text first: JupyterLab then builds a fresh plotly renderer (the old one would not redraw).
+    assert sent[-2][0] == "update" and sent[-2][1][0] == {"text/plain": "redrawing…"}
+
+    panel = figures.HTMLView("<b>a</b> &amp; b")
+    panel.add_class("wb-top-keys")
+    assert panel.outputs[0]["data"] == {
+        "text/html": '<div class="wb-output wb-top-keys"><b>a</b> &amp; b</div>',
+        "text/plain": "a & b",
+    }
+    panel._ipython_display_()
+    panel.value = "<i>new</i>"
+    assert sent[-1][0] == "update" and "new" in sent[-1][1][0]["text/html"]
+    assert panel.display_id != view.display_id
+
+
+def test_a_layout_groups_controls_into_boxes_and_keeps_slots_as_outputs(monkeypatch):
+    import ipywidgets as widgets
+
+    shown = []
+    monkeypatch.setattr(figures, "display", lambda obj, **k: shown.append(obj))
+    a, b, c = widgets.HTML("a"), widgets.HTML("b"), widgets.HTML("c")
+    fig, table = figures.FigureView(), figures.HTMLView("t")
+    layout = figures.ViewLayout([a, b, fig, c, table], "wb-some-view")
+    layout._ipython_display_()
+    assert [type(x) for x in shown] == [widgets.VBox, figures.FigureView, widgets.VBox, figures.HTMLView]
+    assert shown[0].children == (a, b) and shown[2].children == (c,)
+    assert all("wb-some-view" in box._dom_classes for box in layout.boxes)
+    assert layout.slots == [fig, table]
+
+
+def test_a_view_changed_in_a_later_cell_redraws_its_saved_output(tmp_path):
+    """Through a real kernel and nbclient (what the notebook tests and a user's save do): the explorer's
+    figure is a cell output, and changing the layer in a later cell rewrites that output in place."""
+    import nbformat
+    from nbclient import NotebookClient
+
+    cells = [
+        "import workbench\nfrom workbench.widgets.attention import AttentionExplorer\n"
+        "model = workbench.load()\nexplorer = AttentionExplorer(model, 'the cat sat on the mat', layer=0)\n"
+        "explorer",
+        "explorer.show(layer=1)\nprint(explorer.figure.layout.title.text)",
+    ]
+    notebook = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell(c) for c in cells])
+    NotebookClient(notebook, timeout=300, kernel_name="python3").execute()
+    shown, changed = notebook.cells
+    plots = [o for o in shown.outputs if PLOTLY in o.get("data", {})]
+    assert len(plots) == 2  # the pattern and the head grid, outside any widget
+    title = plots[0]["data"][PLOTLY]["layout"]["title"]["text"]
+    assert title == changed.outputs[0]["text"].strip() and title.lower().startswith("layer 1")
+    assert plots[0]["metadata"] == {"workbench": {"classes": ["wb-pattern"]}}
+    assert not any(PLOTLY in o.get("data", {}) for o in changed.outputs)  # updated, not shown again
+    assert any("wb-top-keys" in "".join(o.get("data", {}).get("text/html", "")) for o in shown.outputs)
+
+
 def test_the_lens_and_xielu_explorers_draw_into_figure_views(random_model):
     from workbench.widgets.lens import LensExplorer
     from workbench.widgets.xielu import XIELUExplorer

@@ -1,11 +1,13 @@
 """The one place the workbench draws with plotly: palette, template, heatmaps, token labels, figure views.
 
 Every analysis returns a `go.Figure` built here, and every widget shows figures through `FigureView`: a
-`widgets.Output` holding the figure as plotly's own mime type (`application/vnd.plotly.v1+json`). The
-JupyterLab extension bundled with plotly (and VS Code's notebook renderers) draw that type offline, and a
-saved notebook stores only the figure's data, never the plotly.js library (a `go.FigureWidget` stores
-~4.7 MB of JavaScript per widget in the saved widget state). Numbers travel as base64 typed arrays (plotly's
-own JSON).
+cell output of its own holding the figure as plotly's own mime type (`application/vnd.plotly.v1+json`),
+redrawn in place through its display id (`OutputSlot` says why not an `Output` widget). The JupyterLab
+extension bundled with plotly (and VS Code's notebook renderers) draw that type offline, also in a saved
+notebook reopened without a kernel, and a saved notebook stores only the figure's data, never the plotly.js
+library (a `go.FigureWidget` stores ~4.7 MB of JavaScript per widget in the saved widget state). Numbers
+travel as base64 typed arrays (plotly's own JSON). `ViewLayout` lays a view out as its controls (widgets)
+and these outputs.
 """
 
 from __future__ import annotations
@@ -13,12 +15,15 @@ from __future__ import annotations
 import html
 import json
 import math
+import re
+import uuid
 from collections.abc import Sequence
 
 import ipywidgets as widgets
 import numpy as np
 import plotly.graph_objects as go
 import plotly.io as pio
+from IPython.display import display, update_display
 from plotly.subplots import make_subplots
 
 from workbench.token_text import escape_label  # the one escaping rule, re-exported for figures
@@ -191,24 +196,76 @@ def mimebundle(fig: go.Figure) -> dict:
     return {"application/vnd.plotly.v1+json": data, "text/plain": f"<Figure: {title}>"}
 
 
-class FigureView(widgets.Output):
-    """A figure inside a widget, shown as plotly's mime type: the saved notebook keeps its last state.
+class OutputSlot:
+    """One cell output of a view, redrawn in place through its display id (the base of the two kinds below).
 
-    `show(fig)` replaces what is drawn; `figure` is the go.Figure on screen (`.data`, `.layout` read it).
-    The output is set from the kernel (not captured from the front end), so it works in callbacks, under
-    nbclient and in any front end that renders Output widgets.
+    Why not an ipywidgets `Output`: JupyterLab draws a widget only through a kernel (jupyterlab_widgets loads
+    saved widget state from the kernel, ipywidgets issue 3773), so a saved notebook reopened without one
+    showed "Loading widget..." where every figure had been. A plain display_data output is stored in the cell
+    and drawn by any front end with or without a kernel; while the kernel lives, `update_display` (what a
+    control's callback sends) redraws it: JupyterLab keeps each cell's execute request open for display
+    updates, and nbclient and VS Code follow display ids too. A slot shown twice is redrawn in both places.
+
+    `add_class(name)` names the slot's role (e.g. "wb-pattern"): it travels in the output's metadata
+    (`{"workbench": {"classes": [...]}}`), which the offline HTML export turns into CSS classes.
     """
 
-    def __init__(self, fig: go.Figure | None = None, **kwargs) -> None:
-        super().__init__(**kwargs)
-        self.figure = figure()
-        if fig is not None:
-            self.show(fig)
+    def __init__(self) -> None:
+        self.display_id = uuid.uuid4().hex
+        self.classes: list[str] = []
+        self.displayed = False
+
+    def bundle(self) -> dict:
+        raise NotImplementedError
+
+    def add_class(self, name: str) -> None:
+        if name not in self.classes:
+            self.classes.append(name)
+            self.refresh()
+
+    @property
+    def metadata(self) -> dict:
+        return {"workbench": {"classes": list(self.classes)}} if self.classes else {}
+
+    @property
+    def outputs(self) -> tuple[dict, ...]:
+        """The slot as the notebook stores it (one display_data output)."""
+        return ({"output_type": "display_data", "data": self.bundle(), "metadata": self.metadata},)
+
+    def _ipython_display_(self) -> None:
+        display(self.bundle(), raw=True, metadata=self.metadata, display_id=self.display_id)
+        self.displayed = True
+
+    def refresh(self) -> None:
+        """Redraw every place the slot is shown (nothing to do before it is displayed)."""
+        if self.displayed:
+            update_display(self.bundle(), raw=True, metadata=self.metadata, display_id=self.display_id)
+
+
+class FigureView(OutputSlot):
+    """A figure as a cell output of plotly's mime type: the saved notebook keeps its last state.
+
+    `show(fig)` replaces what is drawn; `figure` is the go.Figure on screen (`.data`, `.layout` read it).
+    """
+
+    def __init__(self, fig: go.Figure | None = None) -> None:
+        super().__init__()
+        self.figure = figure() if fig is None else fig
 
     def show(self, fig: go.Figure) -> None:
         self.figure = fig
-        bundle = mimebundle(fig)
-        self.outputs = ({"output_type": "display_data", "data": bundle, "metadata": {}},)
+        self.refresh()
+
+    def bundle(self) -> dict:
+        return mimebundle(self.figure)
+
+    def refresh(self) -> None:
+        # plotly's JupyterLab renderer ignores a new model once it has drawn ("we already have a graph, don't
+        # overwrite it"), and JupyterLab reuses the renderer when the mime type stays the same: pass through
+        # plain text first so that JupyterLab makes a fresh plotly renderer for the new figure.
+        if self.displayed:
+            update_display({"text/plain": "redrawing…"}, raw=True, display_id=self.display_id)
+        super().refresh()
 
     @property
     def data(self):
@@ -217,3 +274,61 @@ class FigureView(widgets.Output):
     @property
     def layout(self):
         return self.figure.layout
+
+
+class HTMLView(OutputSlot):
+    """HTML (a table, a token view) as a cell output: set `value` as on a `widgets.HTML` to redraw it."""
+
+    def __init__(self, value: str = "") -> None:
+        super().__init__()
+        self._value = value
+
+    @property
+    def value(self) -> str:
+        return self._value
+
+    @value.setter
+    def value(self, value: str) -> None:
+        self._value = value
+        self.refresh()
+
+    def bundle(self) -> dict:
+        text = html.unescape(re.sub(r"<[^>]+>", " ", self._value))
+        classes = " ".join(["wb-output", *self.classes])
+        return {
+            "text/html": f'<div class="{classes}">{self._value}</div>',
+            "text/plain": " ".join(text.split()),
+        }
+
+
+class ViewLayout:
+    """A view shown as cell outputs in order: each run of widgets (the controls) one box with the view's CSS
+    class, each `OutputSlot` (its figures and results) an output of its own, so that they still draw when the
+    notebook is reopened without a kernel (see `OutputSlot`)."""
+
+    def __init__(self, parts: Sequence, css_class: str) -> None:
+        self.children = list(parts)
+        self.css_class = css_class
+        self.groups: list = []
+        for part in self.children:
+            if isinstance(part, OutputSlot):
+                self.groups.append(part)
+            elif self.groups and isinstance(self.groups[-1], widgets.VBox):
+                self.groups[-1].children += (part,)
+            else:
+                box = widgets.VBox([part])
+                box.add_class(css_class)
+                self.groups.append(box)
+
+    @property
+    def boxes(self) -> list[widgets.VBox]:
+        """The widget boxes (the controls), in order."""
+        return [g for g in self.groups if isinstance(g, widgets.VBox)]
+
+    @property
+    def slots(self) -> list[OutputSlot]:
+        return [g for g in self.groups if isinstance(g, OutputSlot)]
+
+    def _ipython_display_(self) -> None:
+        for group in self.groups:
+            display(group)

@@ -61,7 +61,7 @@ class OfflineHTMLExporter(HTMLExporter):
                     if model_id in state:
                         output["data"] = {"text/html": _widget(model_id, state, figures)}
                 elif PLOTLY in data:
-                    output["data"] = {"text/html": figures.html(data[PLOTLY])}
+                    output["data"] = {"text/html": figures.html(data[PLOTLY], _classes(output))}
         nb.get("metadata", {}).pop("widgets", None)  # drawn statically: no widget manager to load
         resources = dict(resources or {})
         resources["plotly_js"] = get_plotlyjs() if figures.count else ""
@@ -74,7 +74,7 @@ class _Figures:
     def __init__(self) -> None:
         self.count = 0
 
-    def html(self, figure: dict) -> str:
+    def html(self, figure: dict, classes: str = "") -> str:
         self.count += 1
         div = f"wb-figure-{self.count}"
         layout = figure.get("layout", {})
@@ -82,8 +82,9 @@ class _Figures:
         spec = json.dumps(
             {"data": figure.get("data", []), "layout": layout, "config": {"responsive": True}}
         ).replace("</", "<\\/")  # a label holding "</script>" must not end the script
+        css = f"wb-plotly {classes}".strip()
         return (
-            f'<div id="{div}" class="wb-plotly" style="height:{int(height)}px;width:100%"></div>'
+            f'<div id="{div}" class="{css}" style="height:{int(height)}px;width:100%"></div>'
             f'<script type="text/javascript">(function() {{ const f = {spec}; '
             f'Plotly.newPlot("{div}", f.data, f.layout, f.config); }})();</script>'
         )
@@ -119,10 +120,16 @@ def _widget(model_id: str, state: dict, figures: _Figures) -> str:
     return _control(name, values, classes)
 
 
+def _classes(output: dict) -> str:
+    """The CSS classes a workbench view gave an output (`workbench.figures.OutputSlot.add_class`)."""
+    names = output.get("metadata", {}).get("workbench", {}).get("classes", [])
+    return " ".join(html.escape(str(n)) for n in names)
+
+
 def _output(output: dict, figures: _Figures) -> str:
     data = output.get("data", {})
     if PLOTLY in data:
-        return figures.html(data[PLOTLY])
+        return figures.html(data[PLOTLY], _classes(output))
     if "text/html" in data:
         return "".join(data["text/html"])
     if "image/png" in data:

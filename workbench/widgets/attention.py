@@ -13,8 +13,10 @@ keys far before the queries.
 `HeadSummary(model, input, explorer=...)` scores every head (previous-token, duplicate-token, induction) as a
 table and a layer x head heatmap; choosing a head and pressing "open" shows that head in the explorer.
 
-Figures are `workbench.figures.FigureView`s (plotly's mime type inside an Output widget): they render offline,
-a saved notebook keeps their last state and stores no JavaScript. Choose with the controls, not by clicking.
+Figures and results are cell outputs of their own below the controls (`workbench.figures.FigureView`,
+`HTMLView`: plotly's mime type and HTML, redrawn in place): they render offline, also in a saved notebook
+reopened without a kernel, which keeps their last state and stores no JavaScript. Choose with the controls,
+not by clicking.
 """
 
 from __future__ import annotations
@@ -137,9 +139,9 @@ class AttentionExplorer:
         )
         self.kv_label = widgets.HTML()
         self.status = widgets.HTML()
-        self.attends_to = widgets.HTML()
-        self.attended_by = widgets.HTML()
-        self.looks = widgets.HTML()
+        self.attends_to = figures.HTMLView()
+        self.attended_by = figures.HTMLView()
+        self.looks = figures.HTMLView()
         self.figure = figures.FigureView()
         self.grid = figures.FigureView()
         for control, css in [
@@ -166,22 +168,22 @@ class AttentionExplorer:
         self.token.observe(lambda _: self._refresh_tokens(), names="value")
 
         self.windows = widgets.HBox([self.window, self.key_window, self.follow])
-        self.widget = widgets.VBox(
+        self.widget = figures.ViewLayout(
             [
                 widgets.HBox([self.prompt_box, self.run_button], layout=widgets.Layout(width="100%")),
                 widgets.HBox([self.layer, self.head, self.kv_label]),
                 self.windows,
                 self.status,
                 self.figure,
-                widgets.HTML("<b>All heads of this layer</b> (choose one with the head control)"),
+                figures.HTMLView("<b>All heads of this layer</b> (choose one with the head control)"),
                 self.grid,
                 widgets.HBox([self.token]),
                 self.looks,
                 self.attends_to,
                 self.attended_by,
-            ]
+            ],
+            "wb-attention-explorer",
         )
-        self.widget.add_class("wb-attention-explorer")
         self._refresh_kv_label()
         if prompt is not None:  # a token tensor has no truth value: test for None, not emptiness
             self.run(prompt)
@@ -304,8 +306,8 @@ class AttentionExplorer:
             "model_runs": self.model_runs,
         }
 
-    def _repr_mimebundle_(self, **kwargs):
-        return self.widget._repr_mimebundle_(**kwargs)
+    def _ipython_display_(self) -> None:
+        self.widget._ipython_display_()
 
     # ----------------------------------------------------------------------------------------- internals
     def _evict(self) -> None:
@@ -539,7 +541,7 @@ class HeadSummary:
         self.open_button = widgets.Button(
             description="open in explorer", icon="search", disabled=explorer is None
         )
-        self.table = widgets.HTML(self.scores.round(3).to_html())
+        self.table = figures.HTMLView(self.scores.round(3).to_html())
         self.figure = figures.FigureView(head_scores_figure(self.scores, score))
         self.figure.add_class("wb-head-scores")
         for control, css in [
@@ -550,10 +552,10 @@ class HeadSummary:
             control.add_class(css)
         self.score.observe(lambda _: self._refresh(), names="value")
         self.open_button.on_click(lambda _: self.open(*self.head.value))
-        self.widget = widgets.VBox(
-            [widgets.HBox([self.score, self.head, self.open_button]), self.figure, self.table]
+        self.widget = figures.ViewLayout(
+            [widgets.HBox([self.score, self.head, self.open_button]), self.figure, self.table],
+            "wb-head-summary",
         )
-        self.widget.add_class("wb-head-summary")
         self._refresh()
 
     def top(self, score: str = "induction", n: int = 3) -> pd.DataFrame:
@@ -581,5 +583,5 @@ class HeadSummary:
         ]
         self.head.value = previous if previous in ranked.index else self.head.options[0][1]
 
-    def _repr_mimebundle_(self, **kwargs):
-        return self.widget._repr_mimebundle_(**kwargs)
+    def _ipython_display_(self) -> None:
+        self.widget._ipython_display_()

@@ -32,12 +32,17 @@ class CircuitView:
             description="top edges",
         )
         self.inputs = Choices(what="inputs", options=KINDS, value=KINDS, description="inputs", rows=5)
-        self.figure = figures.FigureView()  # plotly mime type: the saved notebook keeps no plotly.js
-        self.table = widgets.HTML()
+        self.figure = figures.FigureView()  # a cell output of plotly's mime type: no plotly.js saved
+        self.table = figures.HTMLView()
         self.count.observe(lambda _: self.refresh(), "value")
         self.inputs.observe(lambda _: self.refresh(), "value")
-        self.widget = widgets.VBox([widgets.HBox([self.count, self.inputs]), self.figure, self.table])
+        self.widget = figures.ViewLayout(
+            [widgets.HBox([self.count, self.inputs]), self.figure, self.table], "wb-circuit-view"
+        )
         self.refresh()
+
+    def _ipython_display_(self) -> None:
+        self.widget._ipython_display_()
 
     def refresh(self) -> Circuit:
         """Rebuild the circuit from the current choices and redraw."""

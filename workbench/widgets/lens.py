@@ -23,7 +23,8 @@ from workbench.widgets.controls import TextArea, TextBox
 
 class LensExplorer:
     """Controls: `prompt_box`, `answer_box`, `wrong_box` (may be empty), `run_button`. Figures: `lens`,
-    `trajectory`, `attribution` (`workbench.figures.FigureView`s, replaced on each run). `status` reports
+    `trajectory`, `attribution` (`workbench.figures.FigureView`s: cell outputs below the controls, replaced on
+    each run). `status` reports
     errors and the check that the attributions sum to the model's logit difference.
     Display `explorer.widget`."""
 
@@ -47,7 +48,7 @@ class LensExplorer:
         self.trajectory = figures.FigureView()
         self.attribution = figures.FigureView()
         self.run_button.on_click(lambda _: self.run())
-        self.widget = widgets.VBox(
+        self.widget = figures.ViewLayout(
             [
                 widgets.HBox([self.prompt_box, self.run_button]),
                 widgets.HBox([self.answer_box, self.wrong_box]),
@@ -55,11 +56,14 @@ class LensExplorer:
                 self.lens,
                 self.trajectory,
                 self.attribution,
-            ]
+            ],
+            "wb-lens-explorer",
         )
-        self.widget.add_class("wb-lens-explorer")
         if prompt:
             self.run()
+
+    def _ipython_display_(self) -> None:
+        self.widget._ipython_display_()
 
     def run(self, prompt: str | None = None, answer: str | None = None, wrong: str | None = None) -> None:
         """Recompute every view for the prompt and tokens in the boxes (or the ones given here)."""

@@ -4,8 +4,9 @@
 notebooks can drive it without a browser: set `view.component.value = "heads"` (or metric, direction,
 method, layer) and `view.result` is recomputed; `view.select(cell)` (what a click on the heatmap does) fills
 `view.predictions`, the patched run's top next tokens beside the clean and corrupted runs'. The `cell`
-dropdown lists the cells strongest first; choosing one selects it (the heatmap is a static plotly figure in
-an Output widget, so it renders offline and in saved notebooks, but does not report clicks).
+dropdown lists the cells strongest first; choosing one selects it (the heatmap is a static plotly figure in a
+cell output of its own, so it renders offline and in saved notebooks, with or without a kernel, but does not
+report clicks). Display `view` (or `view.widget`).
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from workbench.widgets.tokens import colored_tokens_html
 MAX_CELLS = 200
 
 
-class PatchingView(widgets.VBox):
+class PatchingView:
     """An interactive activation-patching heatmap over one `PatchingExperiment`.
 
     metrics: extra named metrics (callables on logits [prompts, pos, vocab]) offered beside the built-in
@@ -75,15 +76,20 @@ class PatchingView(widgets.VBox):
             layout=widgets.Layout(width="420px"),
         )
         self.cell.observe(self._cell_chosen, names="value")
-        self.prompt_view = widgets.HTML()
-        self.table = widgets.HTML()
+        self.prompt_view = figures.HTMLView()
+        self.table = figures.HTMLView()
         for control in (self.component, self.metric, self.direction, self.method, self.layer):
             control.observe(self._changed, names="value")
         controls = widgets.VBox(
             [widgets.HBox([self.component, self.metric, self.layer]), self.direction, self.method]
         )
-        super().__init__([controls, self.status, self.figure, self.cell, self.prompt_view, self.table])
+        self.widget = figures.ViewLayout(
+            [controls, self.status, self.figure, self.cell, self.prompt_view, self.table], "wb-patching-view"
+        )
         self.refresh()
+
+    def _ipython_display_(self) -> None:
+        self.widget._ipython_display_()
 
     # ------------------------------------------------------------------------------------------- state
     def _changed(self, change) -> None:

@@ -14,6 +14,7 @@ from collections import OrderedDict
 import ipywidgets as widgets
 import torch
 
+from workbench import figures
 from workbench.data.alignment import IGNORE, EncodedDataset, TokenLabelledDataset
 from workbench.probing.probes import ProbeResult
 from workbench.widgets.controls import Choice, IndexText
@@ -139,11 +140,12 @@ class ProbeView:
             description="sentence",
             layout=widgets.Layout(width="200px"),
         )
-        self.html = widgets.HTML()
+        self.html = figures.HTMLView()
         self.layer.observe(lambda _: self.refresh(), names="value")
         self.sentence.observe(lambda _: self.refresh(), names="value")
-        self.widget = widgets.VBox([widgets.HBox([self.layer, self.sentence]), self.html])
-        self.widget.add_class("wb-probe-view")
+        self.widget = figures.ViewLayout(
+            [widgets.HBox([self.layer, self.sentence]), self.html], "wb-probe-view"
+        )
         self.refresh()
 
     def refresh(self) -> None:
@@ -159,5 +161,5 @@ class ProbeView:
             self.model, self.result, self.data, index, hook, self._cache[index][hook]
         )
 
-    def _repr_mimebundle_(self, **kwargs):
-        return self.widget._repr_mimebundle_(**kwargs)
+    def _ipython_display_(self) -> None:
+        self.widget._ipython_display_()

@@ -43,13 +43,16 @@ class FeatureView:
         )
         self.feature.add_class("wb-sae-feature")
         self.histogram = figures.FigureView(stats.histogram_figure(feature))
-        self.panel = widgets.HTML()
+        self.panel = figures.HTMLView()
         self.feature.observe(lambda _: self._refresh(), names="value")
-        self.widget = widgets.VBox(
-            [widgets.HTML(f"<b>{html.escape(repr(sae))}</b>"), self.feature, self.histogram, self.panel]
+        self.widget = figures.ViewLayout(
+            [widgets.HTML(f"<b>{html.escape(repr(sae))}</b>"), self.feature, self.histogram, self.panel],
+            "wb-sae-view",
         )
-        self.widget.add_class("wb-sae-view")
         self._refresh()
+
+    def _ipython_display_(self) -> None:
+        self.widget._ipython_display_()
 
     def show(self, feature: int) -> None:
         """Select a feature, as if typed in the control."""

@@ -20,7 +20,7 @@ from workbench.widgets.controls import Choice, FloatSlider, TextBox
 Source = SteeringVector | tuple[Sequence[str], Sequence[str]]
 
 
-class SteeringView(widgets.VBox):
+class SteeringView:
     """Steer `prompt` along a vector from `sources` and compare with the unsteered model.
 
     sources: name -> a `SteeringVector` (added as it is at the chosen layer) or a pair of prompt lists
@@ -75,16 +75,20 @@ class SteeringView(widgets.VBox):
             description="coefficient",
             continuous_update=False,
         )
-        self.plain = widgets.HTML()
-        self.steered = widgets.HTML()
+        self.plain = figures.HTMLView()
+        self.steered = figures.HTMLView()
         self.figure = figures.FigureView()
         self.status = widgets.HTML()
         for control in (self.prompt, self.layer, self.source, self.coefficient):
             control.observe(lambda change: self.update(), names="value")
-        texts = widgets.HBox([_column("not steered", self.plain), _column("steered", self.steered)])
         controls = widgets.HBox([self.layer, self.source, self.coefficient])
-        super().__init__([self.prompt, controls, self.status, texts, self.figure])
+        self.widget = figures.ViewLayout(
+            [self.prompt, controls, self.status, self.plain, self.steered, self.figure], "wb-steering-view"
+        )
         self.update()
+
+    def _ipython_display_(self) -> None:
+        self.widget._ipython_display_()
 
     def vector(self) -> torch.Tensor:
         """The current source's vector at the current layer."""
@@ -114,8 +118,8 @@ class SteeringView(widgets.VBox):
         self.plain_text = model.generate(prompt, **generate)
         steer = self.steer(self.coefficient.value)
         self.steered_text = model.generate(prompt, fwd_hooks=steer.hooks(model), **generate)
-        self.plain.value = _text(prompt, self.plain_text)
-        self.steered.value = _text(prompt, self.steered_text)
+        self.plain.value = _text("not steered", prompt, self.plain_text)
+        self.steered.value = _text("steered", prompt, self.steered_text)
         self.logit_diffs = [self._logit_diff(alpha) for alpha in self.coefficients]
         self._draw()
 
@@ -155,12 +159,8 @@ class SteeringView(widgets.VBox):
         self.figure.show(fig)
 
 
-def _column(title: str, body: widgets.HTML) -> widgets.VBox:
-    return widgets.VBox([widgets.HTML(f"<b>{title}</b>"), body], layout={"width": "50%"})
-
-
-def _text(prompt: str, continuation: str) -> str:
+def _text(title: str, prompt: str, continuation: str) -> str:
     return (
-        f"<pre style='white-space:pre-wrap;margin:0'>{html.escape(prompt)}"
+        f"<b>{title}</b><pre style='white-space:pre-wrap;margin:0'>{html.escape(prompt)}"
         f"<b style='color:#1f77b4'>{html.escape(continuation)}</b></pre>"
     )

@@ -25,8 +25,8 @@ from workbench.xielu import XIELUStatistics, neuron_output_tokens, regime_share_
 class XIELUExplorer:
     """Controls: `layer` (Dropdown), `neuron` (BoundedIntText), `share_kind` (activations / output).
     Figures: `curve` (the layer's curve and input histogram) and `shares` (regimes by layer), both
-    `workbench.figures.FigureView`s. `neuron_panel` holds the neuron's examples and output tokens.
-    Display `explorer.widget`."""
+    `workbench.figures.FigureView`s (cell outputs of their own). `neuron_panel` holds the neuron's examples
+    and output tokens. Display `explorer` (or `explorer.widget`)."""
 
     def __init__(
         self,
@@ -69,11 +69,11 @@ class XIELUExplorer:
         self.shares = figures.FigureView(regime_share_figure(stats))
         self.curve.add_class("wb-xielu-curve")
         self.shares.add_class("wb-xielu-shares")
-        self.neuron_panel = widgets.HTML()
+        self.neuron_panel = figures.HTMLView()
         self.layer.observe(lambda _: self._refresh(), names="value")
         self.neuron.observe(lambda _: self._refresh_neuron(), names="value")
         self.share_kind.observe(lambda _: self._refresh_shares(), names="value")
-        self.widget = widgets.VBox(
+        self.widget = figures.ViewLayout(
             [
                 widgets.HTML(
                     f"<b>Regimes by layer</b> over {stats.n_tokens} tokens of {stats.n_prompts} prompts"
@@ -83,10 +83,13 @@ class XIELUExplorer:
                 widgets.HBox([self.layer, self.neuron]),
                 self.curve,
                 self.neuron_panel,
-            ]
+            ],
+            "wb-xielu-explorer",
         )
-        self.widget.add_class("wb-xielu-explorer")
         self._refresh_neuron()
+
+    def _ipython_display_(self) -> None:
+        self.widget._ipython_display_()
 
     def show(self, layer: int | None = None, neuron: int | None = None) -> None:
         """Select a layer and/or neuron, as if the controls were set by hand."""
