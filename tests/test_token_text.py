@@ -111,3 +111,16 @@ def test_the_shipped_tokenizer_keeps_its_induction_pool():
     special = set(tok.all_special_ids)
     old_rule = sorted(i for t, i in tok.get_vocab().items() if i not in special and t.lstrip("▁").isalpha())
     assert word_token_ids(tok) == old_rule
+
+
+def test_the_vocabulary_labels_are_computed_once_per_tokenizer(random_model, monkeypatch):
+    import copy
+
+    labels = random_model.vocabulary_labels()
+    assert labels == random_model.token_labels(range(random_model.cfg.d_vocab))
+    assert random_model.vocabulary_labels() is labels  # cached: 131k tokens take seconds
+    original = random_model.tokenizer
+    other = copy.deepcopy(original)
+    monkeypatch.setattr(random_model, "tokenizer", other)
+    fresh = random_model.vocabulary_labels()
+    assert fresh is not labels and fresh == labels  # another tokenizer object: computed again

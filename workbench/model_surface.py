@@ -73,6 +73,15 @@ class ModelSurface:
         ids = ids.flatten().tolist() if isinstance(ids, torch.Tensor) else list(ids)
         return display_tokens(self.tokenizer, ids)
 
+    def vocabulary_labels(self) -> list[str]:
+        """`token_labels` of the whole vocabulary, computed once per tokenizer (131k tokens take seconds).
+        Shared: do not modify the list."""
+        cached = getattr(self, "_vocabulary_labels", None)
+        if cached is None or cached[0] is not self.tokenizer:
+            cached = (self.tokenizer, self.token_labels(range(self.cfg.d_vocab)))
+            self._vocabulary_labels = cached
+        return cached[1]
+
     def to_string(self, tokens: torch.Tensor | Sequence[int]) -> str | list[str]:
         """Decode ids back to text (a list of texts for a [batch, pos] tensor)."""
         if isinstance(tokens, torch.Tensor) and tokens.ndim == 2:

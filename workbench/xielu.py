@@ -533,8 +533,9 @@ class _Accumulator:
     def _valid_rows(self, act: torch.Tensor, neurons: slice | None = None) -> torch.Tensor:
         """[T, neurons] float32 (at least): the batch's valid tokens of one layer's activation."""
         flat = act.flatten(0, 1)
+        if neurons is not None:
+            flat = flat[:, neurons]  # a view: gather the chunk's columns only, not the whole layer per chunk
         rows = flat[self._batch["flat"].to(act.device)]
-        rows = rows if neurons is None else rows[:, neurons]
         return rows.to(torch.promote_types(rows.dtype, torch.float32))
 
     def _keep_pre(self, act: torch.Tensor, hook) -> None:
@@ -595,7 +596,7 @@ class _Accumulator:
         self.edges[layer] = np.linspace(low, high, self.bins + 1)
 
     def result(self, model) -> XIELUStatistics:
-        vocab = model.token_labels(range(model.cfg.d_vocab))  # each token on its own (partial bytes as hex)
+        vocab = model.vocabulary_labels()  # each token on its own (partial bytes as hex)
         return XIELUStatistics(
             params=self.params,
             layers=list(self.layers),

@@ -158,7 +158,7 @@ def feature_statistics(
             acts = sae.encode(captured.pop("x").to(sae.device)).float()
         valid = replaced_positions(msk, skip_bos)
         acc.add(tok, msk, valid, acts.cpu())
-    token_text = model.token_labels(range(model.cfg.d_vocab))
+    token_text = model.vocabulary_labels()
     return acc.result(token_text)
 
 
