@@ -153,3 +153,22 @@ def test_the_lens_and_xielu_explorers_draw_into_figure_views(random_model):
 def test_head_grids_have_one_panel_per_head(n):
     fig = figures.heatmap_grid([np.eye(4)] * n, [f"H{i}" for i in range(n)])
     assert len(fig.data) == n and fig.layout.coloraxis.cmax == 1
+
+
+def test_the_offline_export_draws_view_outputs_with_their_roles(tmp_path):
+    """Without a browser: each figure output becomes one plotly div with the classes its view gave it."""
+    import nbformat
+
+    from workbench.notebook_html import main
+
+    view = figures.FigureView(figures.heatmap([[1.0, 0.5]], title="pattern"))
+    view.add_class("wb-pattern")
+    table = figures.HTMLView("<table><tr><td>Where does it look?</td></tr></table>")
+    cell = nbformat.v4.new_code_cell("explorer")
+    cell.outputs = [nbformat.from_dict(o) for o in view.outputs + table.outputs]
+    path = tmp_path / "executed.ipynb"
+    nbformat.write(nbformat.v4.new_notebook(cells=[cell]), path)
+    main([str(path)])
+    text = (tmp_path / "executed.html").read_text()
+    assert text.count("Plotly.newPlot(") == 1 and 'class="wb-plotly wb-pattern"' in text
+    assert '<div class="wb-output"><table><tr><td>Where does it look?' in text

@@ -6,7 +6,7 @@ and inside widgets' saved state) with it, and draws each widget as a static snap
 (boxes, HTML, figures, the value of each control):
 
     python -m workbench.notebook_html executed.ipynb            # writes executed.html
-    jupyter nbconvert --to workbench.notebook_html.OfflineHTMLExporter executed.ipynb
+    jupyter nbconvert --to workbench_html executed.ipynb       # registered in pyproject.toml
 
 Save the notebook with its widget state first (JupyterLab: Settings > Save Widget State Automatically), or
 widgets are exported as their text placeholder.
