@@ -1,5 +1,6 @@
 """A steering view: a prompt, a layer, a coefficient and a vector source; the plain and the steered
-continuation side by side, and the logit difference of two chosen tokens as the coefficient varies."""
+continuation one above the other, and the logit difference of two chosen tokens as the coefficient varies
+(each a cell output below the controls, redrawn in place: `workbench.figures.ViewLayout`)."""
 
 from __future__ import annotations
 
