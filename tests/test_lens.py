@@ -83,6 +83,17 @@ def test_decomposition_sums_to_the_final_residual(random_model):
     assert attached_hooks(random_model) == 0
 
 
+def test_decomposition_rows_equal_transformer_lens(random_model):
+    """Every row equals TransformerLens's `get_full_resid_decomposition` of the same run's cache."""
+    dec = L.residual_decomposition(random_model, BATCH)
+    stack, tl_labels = dec.cache.get_full_resid_decomposition(expand_neurons=False, return_labels=True)
+    tl = dict(zip(tl_labels, stack))
+    for row, label in enumerate(dec.labels):
+        key = f"{label.split()[0][1:]}_mlp_out" if label.endswith("MLP") else label
+        torch.testing.assert_close(dec.components[row], tl[key], rtol=1e-5, atol=1e-6)
+    assert len(dec.labels) == len(tl) - ("bias" in tl)  # nothing left out (TL's one bias row is all zeros)
+
+
 def test_decomposition_lists_a_bias_when_a_checkpoint_has_one():
     hf = random_apertus(layers=2, d_model=32, heads=4, kv_heads=2, vocab=40, seed=3)
     o_proj = hf.model.layers[1].self_attn.o_proj

@@ -374,31 +374,39 @@ def residual_decomposition(
     names += [act_name(kind, la) for la in range(cfg.n_layers) for kind in ("z", "mlp_out")]
     cache, logits = run_cache(model, tokens, mask, names, positions, logits=True)
     with torch.no_grad():
-        # TransformerLens's decomposition (heads from hook_z and W_O, MLPs, embedding); its one "bias" row
-        # is replaced by a row per biased o_proj (Apertus has none), in the order the stream is written.
-        stack, tl_labels = cache.get_full_resid_decomposition(expand_neurons=False, return_labels=True)
-        tl = dict(zip(tl_labels, stack))
-        parts, labels, kinds, layers, heads = [tl["embed"]], ["embed"], ["embed"], [-1], [-1]
+        # TransformerLens's decomposition (heads from hook_z and W_O, MLPs, embedding, as
+        # `cache.get_full_resid_decomposition` gives), with a row per biased o_proj (Apertus has none)
+        # instead of its one "bias" row, in the order the stream is written. Filled layer by layer into one
+        # tensor: building TransformerLens's stack (every head's result, then a concatenation) and reordering
+        # it held three copies of [components, batch, pos, d_model] at once; this holds one, plus one layer's
+        # heads.
+        resid = cache[final]
+        biased = [model.hf_model.model.layers[la].self_attn.o_proj.bias for la in range(cfg.n_layers)]
+        n = 1 + cfg.n_layers * (cfg.n_heads + 1) + sum(b is not None for b in biased)
+        components = resid.new_empty((n, *resid.shape))
+        components[0] = cache[act_name("embed")].to(resid.device)
+        labels, kinds, layers, heads = ["embed"], ["embed"], [-1], [-1]
         for la in range(cfg.n_layers):
-            for h in range(cfg.n_heads):
-                parts.append(tl[f"L{la}H{h}"])
-                labels.append(f"L{la}H{h}")
-                kinds.append("head")
-                layers.append(la)
-                heads.append(h)
-            o_proj = model.hf_model.model.layers[la].self_attn.o_proj
-            if o_proj.bias is not None:
-                parts.append(o_proj.bias.to(stack.device).expand_as(stack[0]))
+            row = len(labels)
+            attn = model.blocks[la].attn
+            result = torch.einsum("bphd,hdm->bphm", cache[act_name("z", la)], attn.W_O)  # as hook_result
+            components[row : row + cfg.n_heads] = result.permute(2, 0, 1, 3).to(resid.device)
+            del result
+            labels += [f"L{la}H{h}" for h in range(cfg.n_heads)]
+            kinds += ["head"] * cfg.n_heads
+            layers += [la] * cfg.n_heads
+            heads += list(range(cfg.n_heads))
+            if biased[la] is not None:
+                components[len(labels)] = biased[la].to(resid.device).expand_as(resid)
                 labels.append(f"L{la} attn bias")
                 kinds.append("bias")
                 layers.append(la)
                 heads.append(-1)
-            parts.append(tl[f"{la}_mlp_out"])
+            components[len(labels)] = cache[act_name("mlp_out", la)].to(resid.device)
             labels.append(f"L{la} MLP")
             kinds.append("mlp")
             layers.append(la)
             heads.append(-1)
-        components = torch.stack(parts)
     return Decomposition(
         labels,
         kinds,
