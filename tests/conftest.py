@@ -81,6 +81,23 @@ def random_model(random_checkpoint):
     return workbench.load(random_checkpoint)
 
 
+@pytest.fixture(scope="module")
+def model():
+    """The shipped checkpoint, loaded once per test module (a module may define its own `model`)."""
+    import workbench
+
+    return workbench.load()
+
+
+@pytest.fixture(scope="module")
+def data():
+    """18 generated part-of-speech sentences (seed 7), not encoded (a module may define its own `data`)."""
+    from workbench.data.alignment import TokenLabelledDataset
+    from workbench.data.corpus import tagged_sentences
+
+    return TokenLabelledDataset.from_tagged(tagged_sentences(18, seed=7), "pos")
+
+
 def attached_hooks(model) -> int:
     """Hooks attached by us: TL handles on our hook points plus raw torch hooks on our own modules."""
     handles = sum(len(hp.fwd_hooks) + len(hp.bwd_hooks) for hp in model.hook_dict.values())

@@ -11,14 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-import workbench
-
 IOI = "When Mary and John went to the store, John gave a drink to"
-
-
-@pytest.fixture(scope="module")
-def model():
-    return workbench.load()
 
 
 def tokens(m):

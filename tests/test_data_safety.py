@@ -17,8 +17,6 @@ from safetensors.torch import load_file, save_file
 
 import workbench
 from workbench.checkpoint import DEFAULT_CHECKPOINT
-from workbench.data.alignment import TokenLabelledDataset
-from workbench.data.corpus import tagged_sentences
 from workbench.identity import model_identity
 from workbench.loading import MissingWeightsError
 from workbench.probing import (
@@ -33,16 +31,6 @@ from workbench.probing import export as export_module
 
 FAST = {"progress": False}
 SETTINGS = {"shard_sentences": 6, **FAST}
-
-
-@pytest.fixture(scope="module")
-def model():
-    return workbench.load()
-
-
-@pytest.fixture(scope="module")
-def data():
-    return TokenLabelledDataset.from_tagged(tagged_sentences(18, seed=7), "pos")
 
 
 @pytest.fixture

@@ -12,7 +12,6 @@ import numpy as np
 import pytest
 import torch
 
-import workbench
 from workbench.data.alignment import TokenLabelledDataset
 from workbench.data.corpus import ioi_prompts, tagged_sentences
 from workbench.executors import LocalExecutor, RayExecutor, load_spec, resolve
@@ -37,11 +36,6 @@ def cluster():
         pytest.skip(f"the local Ray cluster did not start on this machine: {error}")
     yield
     ray.shutdown()
-
-
-@pytest.fixture(scope="module")
-def model():
-    return workbench.load()
 
 
 @pytest.fixture(scope="module")

@@ -11,25 +11,12 @@ import fsspec
 import pytest
 import torch
 
-import workbench
-from workbench.data.alignment import TokenLabelledDataset
-from workbench.data.corpus import tagged_sentences
 from workbench.probing import CorruptHarvestError, Harvest, harvest, train_probes
 from workbench.probing.storage import is_url
 from workbench.sae import HarvestSource
 
 SETTINGS = {"shard_sentences": 6, "progress": False}
 memory = fsspec.filesystem("memory")
-
-
-@pytest.fixture(scope="module")
-def model():
-    return workbench.load()
-
-
-@pytest.fixture(scope="module")
-def data():
-    return TokenLabelledDataset.from_tagged(tagged_sentences(18, seed=7), "pos")
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,6 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
 
-import workbench
 from workbench.data import corpus
 from workbench.patching import PatchingExperiment, PatchResult, correlation
 from workbench.probing import harvest
@@ -44,11 +43,6 @@ def planted(n=40_000, d=32, m=64, active=3, seed=0):
     on = torch.rand(n, m, generator=gen) < active / m
     magnitude = torch.rand(n, m, generator=gen) + 0.5
     return (on * magnitude) @ directions, directions
-
-
-@pytest.fixture(scope="module")
-def model():
-    return workbench.load()
 
 
 @pytest.fixture(scope="module")
