@@ -308,7 +308,6 @@ class ViewLayout:
 
     def __init__(self, parts: Sequence, css_class: str) -> None:
         self.children = list(parts)
-        self.css_class = css_class
         self.groups: list = []
         for part in self.children:
             if isinstance(part, OutputSlot):
